@@ -1,0 +1,146 @@
+"""Command line: `transformer-mt train | translate | evaluate`. Argument parsing only.
+
+User errors (bad config, missing files, bad checkpoints) end with one line on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (or resume a run)",
+        description="Train an encoder-decoder Transformer. Writes the resolved config, the SentencePiece "
+        "model, checkpoints, metrics.jsonl and TensorBoard events into --workdir.",
+    )
+    add_train_arguments(p)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML experiment config (e.g. configs/multi30k_en_de.yaml); "
+                   "optional with --resume, which then reuses WORKDIR/config.yaml")
+    p.add_argument("--workdir", required=True, help="run directory for checkpoints, tokenizer, logs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set model.num_encoder_layers=4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --workdir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+
+
+def _add_translate(sub) -> None:
+    p = sub.add_parser(
+        "translate",
+        help="translate a file or stdin with a trained run",
+        description="Translate text, one sentence per line. Writes exactly one output line per input line, "
+        "in input order (an empty input line gives an empty output line).",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory written by `train`")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the best-BLEU checkpoint if any, else the last)")
+    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
+    p.add_argument("-i", "--input", default="-", help="input file, or - for stdin (default)")
+    p.add_argument("-o", "--output", default="-", help="output file, or - for stdout (default)")
+    add_decode_arguments(p)
+    p.add_argument("--nbest", type=int, default=1,
+                   help="write the N best hypotheses per line as 'index ||| hypothesis ||| score' lines")
+    p.add_argument("--buffer-lines", type=int, default=0,
+                   help="lines read from stdin before translating a chunk (default: 1 on a terminal, 2000 otherwise)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, help="beam size (1 = greedy; default from the run's config)")
+    p.add_argument("--alpha", type=float, help="GNMT length penalty exponent (default from config)")
+    p.add_argument("--max-len-a", type=float, help="output length limit a * src_len + b: a")
+    p.add_argument("--max-len-b", type=int, help="output length limit a * src_len + b: b")
+    p.add_argument("--batch-tokens", type=int, help="padded source tokens per decoding batch")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score translations with sacreBLEU (BLEU, chrF)",
+        description="Either score --hyp against --ref, or translate --src with --checkpoint and score "
+        "against --ref. Prints BLEU and chrF with their sacreBLEU signatures.",
+    )
+    p.add_argument("--hyp", help="hypothesis file (one line per reference line)")
+    p.add_argument("--ref", required=True, help="reference file")
+    p.add_argument("--checkpoint", metavar="RUN_DIR", help="run directory to translate --src with")
+    p.add_argument("--src", help="source file to translate (with --checkpoint)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: best, else last)")
+    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
+    p.add_argument("--output", help="also write the translations of --src here")
+    add_decode_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transformer-mt",
+        description="Transformer neural machine translation in JAX/Flax: train, translate, evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,evaluate}")
+    _add_train(sub)
+    _add_translate(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def run_train(args) -> int:
+    from transformer_mt import config as config_lib
+    from transformer_mt.trainer import train
+
+    cfg = config_lib.load(args.config, args.overrides) if args.config else None
+    if cfg is None and not args.resume:
+        raise config_lib.ConfigError("--config is required unless --resume continues an existing run")
+    train(cfg, args.workdir, resume=args.resume, overrides=args.overrides, progress_bar=not args.no_progress)
+    return 0
+
+
+def run_translate(args) -> int:
+    from transformer_mt.translate import translate_command
+
+    return translate_command(args)
+
+
+def run_evaluate(args) -> int:
+    from transformer_mt.translate import evaluate_command
+
+    return evaluate_command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from transformer_mt.config import ConfigError
+    from transformer_mt.trainer import TrainingStopped
+
+    try:
+        return {"train": run_train, "translate": run_translate, "evaluate": run_evaluate}[args.command](args)
+    except ConfigError as e:
+        print(f"transformer-mt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingStopped as e:
+        print(f"transformer-mt {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"transformer-mt {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+    except OSError as e:
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"transformer-mt {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

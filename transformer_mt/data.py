@@ -1,0 +1,279 @@
+"""Parallel text -> token ids -> length-bucketed, padded numpy batches.
+
+Every batch is padded to one of a few fixed shapes (rows, bucket_length), so jit compiles a
+bounded number of programs. The batch order of an epoch is a pure function of (seed, epoch),
+so a data position (epoch, batch index) recorded in a checkpoint resumes the exact stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from transformer_mt.config import ConfigError, DataConfig
+from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+# ----------------------------------------------------------------------------- reading text
+
+
+def _require_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data file not found: {path}")
+    return path
+
+
+def _load_local(kind: str, path: Path, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets raises many types; the user needs the file name
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot read {path}: {msg}") from None
+
+
+def _read_text_pair(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
+    src = _load_local("text", src_path)["text"]
+    tgt = _load_local("text", tgt_path)["text"]
+    src, tgt = list(src), list(tgt)
+    if len(src) != len(tgt):
+        raise ConfigError(f"parallel files differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
+    return src, tgt
+
+
+def _read_tsv(path: Path) -> tuple[list[str], list[str]]:
+    ds = _load_local(
+        "csv", path, delimiter="\t", column_names=["src", "tgt"], quoting=csv.QUOTE_NONE,
+        keep_default_na=False, dtype=str,
+    )
+    return [s or "" for s in ds["src"]], [t or "" for t in ds["tgt"]]
+
+
+def _translation_columns(records, where: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
+    """Reads {"translation": {src: .., tgt: ..}} records (wmt14, iwslt2017) or flat {src:, tgt:} ones."""
+    names = records.column_names
+    if "translation" in names:
+        pairs = records["translation"]
+        try:
+            return [p[src_lang] for p in pairs], [p[tgt_lang] for p in pairs]
+        except (KeyError, TypeError):
+            raise ConfigError(f"{where}: translation records lack languages '{src_lang}'/'{tgt_lang}'") from None
+    if src_lang in names and tgt_lang in names:
+        return list(records[src_lang]), list(records[tgt_lang])
+    raise ConfigError(f"{where}: expected a 'translation' column or columns '{src_lang}' and '{tgt_lang}', found {names}")
+
+
+def _read_jsonl(path: Path, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
+    return _translation_columns(_load_local("json", path), str(path), src_lang, tgt_lang)
+
+
+def read_local(files: Sequence[str], src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
+    """Two files: parallel plain text; one file: .tsv or .jsonl (optionally .gz)."""
+    paths = [_require_file(f) for f in files]
+    if len(paths) == 2:
+        return _read_text_pair(*paths)
+    if len(paths) == 1:
+        name = paths[0].name.removesuffix(".gz")
+        if name.endswith(".tsv"):
+            return _read_tsv(paths[0])
+        if name.endswith((".jsonl", ".json")):
+            return _read_jsonl(paths[0], src_lang, tgt_lang)
+        raise ConfigError(f"{paths[0]}: a single data file must be .tsv or .jsonl; give two files for parallel text")
+    raise ConfigError(f"expected one (.tsv/.jsonl) or two (parallel text) data files, got {len(paths)}")
+
+
+def read_hub(name: str, config_name: str, split: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
+    """A Hugging Face hub translation dataset (e.g. wmt14 de-en); needs the network or a local cache."""
+    import datasets
+
+    try:
+        records = datasets.load_dataset(name, config_name or None, split=split)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot load hub dataset {name}/{config_name} split {split}: {msg}") from None
+    return _translation_columns(records, f"{name}/{split}", src_lang, tgt_lang)
+
+
+def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
+    """(source, target) sentences of split 'train', 'valid' or 'test'."""
+    files = {"train": cfg.train_files, "valid": cfg.valid_files, "test": cfg.test_files}[split]
+    if files:
+        src, tgt = read_local(files, cfg.src_lang, cfg.tgt_lang)
+    elif cfg.dataset:
+        hub_split = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}[split]
+        src, tgt = read_hub(cfg.dataset, cfg.dataset_config, hub_split, cfg.src_lang, cfg.tgt_lang)
+    else:
+        return [], []
+    if split == "train" and cfg.max_train_examples:
+        src, tgt = src[: cfg.max_train_examples], tgt[: cfg.max_train_examples]
+    return src, tgt
+
+
+# ----------------------------------------------------------------------------- tokenized examples
+
+
+@dataclass
+class Examples:
+    """Tokenized pairs: src ids end with EOS; tgt ids carry neither BOS nor EOS."""
+
+    src: list[np.ndarray]
+    tgt: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def lengths(self) -> np.ndarray:
+        """Padded length each pair needs: source with EOS, target with BOS (input) / EOS (output)."""
+        return np.array([max(len(s), len(t) + 1) for s, t in zip(self.src, self.tgt)], dtype=np.int64)
+
+
+def tokenize_pairs(tok: Tokenizer, src: Sequence[str], tgt: Sequence[str], max_len: int | None) -> Examples:
+    """Encodes pairs; drops empty pairs and, when max_len is set, pairs longer than it."""
+    src_ids = tok.encode_src(src)
+    tgt_ids = tok.encode_tgt(tgt)
+    keep_src, keep_tgt = [], []
+    for s, t in zip(src_ids, tgt_ids):
+        if len(s) <= 1 or not t:
+            continue
+        if max_len is not None and max(len(s), len(t) + 1) > max_len:
+            continue
+        keep_src.append(np.asarray(s, np.int32))
+        keep_tgt.append(np.asarray(t, np.int32))
+    return Examples(keep_src, keep_tgt)
+
+
+# ----------------------------------------------------------------------------- bucketing
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket that holds `length` tokens."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds largest bucket {buckets[-1]}")
+
+
+def rows_for_bucket(bucket_len: int, batch_tokens: int, row_multiple: int) -> int:
+    """Batch rows for a bucket: about batch_tokens padded tokens, a multiple of row_multiple."""
+    rows = max(batch_tokens // bucket_len, 1)
+    return max(row_multiple, rows // row_multiple * row_multiple)
+
+
+def pad_batch(examples: Examples, indices: np.ndarray, rows: int, length: int) -> dict[str, np.ndarray]:
+    """Builds {src, tgt_in, tgt_out} int32 [rows, length]; index -1 gives an all-pad row."""
+    src = np.full((rows, length), PAD_ID, np.int32)
+    tgt_in = np.full((rows, length), PAD_ID, np.int32)
+    tgt_out = np.full((rows, length), PAD_ID, np.int32)
+    for r, i in enumerate(indices):
+        if i < 0:
+            continue
+        s, t = examples.src[i], examples.tgt[i]
+        src[r, : len(s)] = s
+        tgt_in[r, 0] = BOS_ID
+        tgt_in[r, 1 : len(t) + 1] = t
+        tgt_out[r, : len(t)] = t
+        tgt_out[r, len(t)] = EOS_ID
+    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
+
+
+def epoch_plan(lengths: np.ndarray, buckets: Sequence[int], batch_tokens: int, row_multiple: int,
+               seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
+    """The batches of one epoch as (bucket_length, example indices padded with -1 to the row count).
+
+    A pure function of (seed, epoch): a recorded (epoch, index) resumes the same stream.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    bucket_of = np.array([bucket_for(int(n), buckets) for n in lengths], dtype=np.int64)
+    plan = []
+    for b in buckets:
+        idx = np.flatnonzero(bucket_of == b)
+        if not len(idx):
+            continue
+        if shuffle:
+            idx = rng.permutation(idx)
+        else:
+            idx = idx[np.argsort(lengths[idx], kind="stable")]
+        rows = rows_for_bucket(b, batch_tokens, row_multiple)
+        for start in range(0, len(idx), rows):
+            chunk = idx[start : start + rows]
+            plan.append((b, np.pad(chunk, (0, rows - len(chunk)), constant_values=-1)))
+    if shuffle:
+        order = rng.permutation(len(plan))
+        plan = [plan[i] for i in order]
+    return plan
+
+
+class TrainStream:
+    """Endless stream of global training batches with a resumable position.
+
+    `position` is (epoch, index of the next batch in that epoch's plan). On several hosts each
+    process takes its own contiguous slice of every global batch's rows.
+    """
+
+    def __init__(self, examples: Examples, cfg: DataConfig, seed: int, row_multiple: int = 1,
+                 process_index: int = 0, process_count: int = 1):
+        if not len(examples):
+            raise ConfigError("no training pairs left after length filtering (check data.max_len)")
+        self.examples, self.cfg, self.seed = examples, cfg, seed
+        self.row_multiple = row_multiple
+        self.process_index, self.process_count = process_index, process_count
+        self.lengths = examples.lengths()
+        self.epoch, self.index = 0, 0
+        self._plan_epoch, self._plan = -1, []
+
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        if epoch != self._plan_epoch:
+            self._plan = epoch_plan(self.lengths, self.cfg.bucket_lengths, self.cfg.batch_tokens,
+                                    self.row_multiple, self.seed, epoch)
+            self._plan_epoch = epoch
+        return self._plan
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_position(self, position: dict) -> None:
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        plan = self.plan(self.epoch)
+        if self.index >= len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            plan = self.plan(self.epoch)
+        length, indices = plan[self.index]
+        self.index += 1
+        per_process = len(indices) // self.process_count
+        local = indices[self.process_index * per_process : (self.process_index + 1) * per_process]
+        return pad_batch(self.examples, local, per_process, length)
+
+
+def eval_batches(examples: Examples, cfg: DataConfig, row_multiple: int = 1, process_index: int = 0,
+                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Every example once, sorted by length, in bucket shapes (validation loss)."""
+    plan = epoch_plan(examples.lengths(), cfg.bucket_lengths, cfg.batch_tokens, row_multiple, 0, 0, shuffle=False)
+    out = []
+    for length, indices in plan:
+        per_process = len(indices) // process_count
+        local = indices[process_index * per_process : (process_index + 1) * per_process]
+        out.append(pad_batch(examples, local, per_process, length))
+    return out
+
+
+def write_jsonl_pairs(path: str | Path, src: Sequence[str], tgt: Sequence[str], src_lang: str, tgt_lang: str) -> None:
+    """Writes hub-style translation records (used by tests and data preparation)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for s, t in zip(src, tgt):
+            f.write(json.dumps({"translation": {src_lang: s, tgt_lang: t}}, ensure_ascii=False) + "\n")

@@ -1,0 +1,274 @@
+"""Encoder-decoder Transformer (Vaswani et al., 2017) in Flax NNX.
+
+Entry points: `encode` (once per batch), `decode` (teacher forcing, training), and
+`cross_kv` + `init_cache` + `decode_step` (incremental decoding: the encoder's cross-attention
+keys/values are projected once per sentence, self-attention keys/values are cached).
+
+Shapes are named in comments: B batch, S source length, T target length, H heads,
+K head dim, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer_mt.config import ModelConfig
+from transformer_mt.tokenizer import PAD_ID
+
+NEG_INF = -1e9  # finite, so fully masked rows (all-pad batch rows) give a uniform softmax, not NaN
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """'auto' means bfloat16 on GPU/TPU and float32 on CPU, where bf16 matmuls are slower."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
+    """[..., L] int -> [..., L, dim] float32: sin on the first half of features, cos on the second."""
+    half = dim // 2
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding (Su et al., 2021) on x [B, L, H, K] at positions [B|1, L]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, K/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, mask, dropout_rate: float = 0.0, rngs: nnx.Rngs | None = None):
+    """softmax(q k^T / sqrt(K)) v with the softmax in float32.
+
+    q [B, Tq, H, K], k/v [B, Tk, H, K], mask bool broadcastable to [B, H, Tq, Tk].
+    """
+    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if rngs is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(rngs.dropout(), 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqt,bthk->bqhk", weights.astype(v.dtype), v)
+
+
+def dropout(x, rate: float, rngs: nnx.Rngs | None):
+    """Inverted dropout; identity when rngs is None (evaluation and decoding)."""
+    if rngs is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention projections; the attention itself is `dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, self.heads = cfg.d_model, cfg.num_heads
+        self.head_dim = d // cfg.num_heads
+        self.dropout_rate = cfg.attention_dropout
+        kw = dict(dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.xavier_uniform())
+        self.query = nnx.Linear(d, d, **kw)
+        self.key = nnx.Linear(d, d, **kw)
+        self.value = nnx.Linear(d, d, **kw)
+        self.out = nnx.Linear(d, d, **kw)
+
+    def split_heads(self, x):  # [B, L, D] -> [B, L, H, K]
+        return x.reshape(x.shape[:-1] + (self.heads, self.head_dim))
+
+    def project_q(self, x):
+        return self.split_heads(self.query(x))
+
+    def project_kv(self, x):
+        return self.split_heads(self.key(x)), self.split_heads(self.value(x))
+
+    def attend(self, q, k, v, mask, rngs):
+        out = dot_product_attention(q, k, v, mask, self.dropout_rate, rngs)  # [B, Tq, H, K]
+        return self.out(out.reshape(out.shape[:-2] + (-1,)))
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.xavier_uniform())
+        self.inner = nnx.Linear(cfg.d_model, cfg.ffn_dim, **kw)
+        self.outer = nnx.Linear(cfg.ffn_dim, cfg.d_model, **kw)
+        self.rate = cfg.dropout
+
+    def __call__(self, x, rngs):
+        return self.outer(dropout(jax.nn.relu(self.inner(x)), self.rate, rngs))
+
+
+class Residual(nnx.Module):
+    """x + dropout(f(LN(x))) when pre_norm, else LN(x + dropout(f(x)))."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=dtype, rngs=rngs)
+        self.pre_norm, self.rate = cfg.pre_norm, cfg.dropout
+
+    def __call__(self, x, f, rngs):
+        if self.pre_norm:
+            return x + dropout(f(self.norm(x)), self.rate, rngs)
+        return self.norm(x + dropout(f(x), self.rate, rngs))
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.ffn = FeedForward(cfg, dtype, rngs)
+        self.attn_block = Residual(cfg, dtype, rngs)
+        self.ffn_block = Residual(cfg, dtype, rngs)
+        self.rotary = cfg.positional == "rotary"
+
+    def __call__(self, x, mask, positions, rngs):
+        def self_attention(h):
+            q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)
+            if self.rotary:
+                q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+            return self.self_attn.attend(q, k, v, mask, rngs)
+
+        x = self.attn_block(x, self_attention, rngs)
+        return self.ffn_block(x, lambda h: self.ffn(h, rngs), rngs)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.cross_attn = Attention(cfg, dtype, rngs)
+        self.ffn = FeedForward(cfg, dtype, rngs)
+        self.self_block = Residual(cfg, dtype, rngs)
+        self.cross_block = Residual(cfg, dtype, rngs)
+        self.ffn_block = Residual(cfg, dtype, rngs)
+        self.rotary = cfg.positional == "rotary"
+
+    def __call__(self, x, self_kv_fn, self_mask, cross_kv, cross_mask, positions, rngs):
+        """`self_kv_fn(k, v) -> (k, v)` lets incremental decoding splice in its cache."""
+
+        def self_attention(h):
+            q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)
+            if self.rotary:
+                q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+            k, v = self_kv_fn(k, v)
+            return self.self_attn.attend(q, k, v, self_mask, rngs)
+
+        def cross_attention(h):
+            return self.cross_attn.attend(self.cross_attn.project_q(h), *cross_kv, cross_mask, rngs)
+
+        x = self.self_block(x, self_attention, rngs)
+        x = self.cross_block(x, cross_attention, rngs)
+        return self.ffn_block(x, lambda h: self.ffn(h, rngs), rngs)
+
+
+class Transformer(nnx.Module):
+    """Encoder-decoder Transformer with optional tied embeddings."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = compute_dtype(cfg.dtype)
+        self.dtype = dtype
+        init = nnx.initializers.normal(stddev=cfg.d_model**-0.5)  # unit variance after sqrt(D) scaling
+        self.src_embed = nnx.Embed(src_vocab_size, cfg.d_model, dtype=dtype, embedding_init=init, rngs=rngs)
+        if cfg.tie_embeddings:
+            if src_vocab_size != tgt_vocab_size:
+                raise ValueError("tied embeddings need one joint vocabulary")
+            self.tgt_embed = self.src_embed
+            self.output = None
+        else:
+            self.tgt_embed = nnx.Embed(tgt_vocab_size, cfg.d_model, dtype=dtype, embedding_init=init, rngs=rngs)
+            self.output = nnx.Linear(cfg.d_model, tgt_vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.encoder_layers = nnx.List([EncoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_encoder_layers)])
+        self.decoder_layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_decoder_layers)])
+        # Pre-norm stacks end with a LayerNorm; post-norm layers already end normalised.
+        self.encoder_norm = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=dtype, rngs=rngs) if cfg.pre_norm else None
+        self.decoder_norm = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=dtype, rngs=rngs) if cfg.pre_norm else None
+
+    # ------------------------------------------------------------------ pieces
+
+    def _embed(self, embed: nnx.Embed, ids, positions, rngs):
+        x = embed(ids) * jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)  # [B, L, D]
+        if self.cfg.positional == "sinusoidal":
+            x = x + sinusoidal_positions(positions, self.cfg.d_model).astype(self.dtype)
+        return dropout(x, self.cfg.dropout, rngs)
+
+    def _logits(self, h):
+        """[B, T, D] -> float32 [B, T, V]."""
+        if self.decoder_norm is not None:
+            h = self.decoder_norm(h)
+        logits = self.tgt_embed.attend(h) if self.output is None else self.output(h)
+        return logits.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ entry points
+
+    def encode(self, src, rngs: nnx.Rngs | None = None):
+        """src [B, S] -> (encoded [B, S, D], src_mask bool [B, S]). Dropout only when rngs given."""
+        src_mask = src != PAD_ID
+        positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
+        x = self._embed(self.src_embed, src, positions, rngs)
+        attn_mask = src_mask[:, None, None, :]  # [B, 1, 1, S]
+        for layer in self.encoder_layers:
+            x = layer(x, attn_mask, positions, rngs)
+        if self.encoder_norm is not None:
+            x = self.encoder_norm(x)
+        return x, src_mask
+
+    def cross_kv(self, encoded):
+        """Cross-attention keys/values of every decoder layer, projected once per sentence."""
+        return tuple(layer.cross_attn.project_kv(encoded) for layer in self.decoder_layers)
+
+    def decode(self, tgt_in, encoded, src_mask, rngs: nnx.Rngs | None = None):
+        """Teacher forcing: tgt_in [B, T] -> float32 logits [B, T, V]; position t sees tgt_in[:, :t+1]."""
+        T = tgt_in.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
+        x = self._embed(self.tgt_embed, tgt_in, positions, rngs)
+        causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1, 1, T, T]
+        cross_mask = src_mask[:, None, None, :]
+        for layer in self.decoder_layers:
+            cross = layer.cross_attn.project_kv(encoded)
+            x = layer(x, lambda k, v: (k, v), causal, cross, cross_mask, positions, rngs)
+        return self._logits(x)
+
+    def __call__(self, src, tgt_in, rngs: nnx.Rngs | None = None):
+        encoded, src_mask = self.encode(src, rngs)
+        return self.decode(tgt_in, encoded, src_mask, rngs)
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """Empty self-attention cache: per layer k/v [B, max_len, H, K], plus the shared position."""
+        shape = (batch_size, max_len, self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads)
+        layers = tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+                       for _ in self.decoder_layers)
+        return {"layers": layers, "index": jnp.zeros((), jnp.int32)}
+
+    def decode_step(self, ids, cache, cross_kv, src_mask):
+        """One incremental step: ids [B] at position cache['index'] -> (float32 logits [B, V], cache)."""
+        index = cache["index"]
+        max_len = cache["layers"][0]["k"].shape[1]
+        positions = jnp.full((ids.shape[0], 1), index)
+        x = self._embed(self.tgt_embed, ids[:, None], positions, None)  # [B, 1, D]
+        self_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]
+        cross_mask = src_mask[:, None, None, :]
+        new_layers = []
+        for layer, layer_cache, cross in zip(self.decoder_layers, cache["layers"], cross_kv):
+            updated = {}
+
+            def splice(k, v, layer_cache=layer_cache, updated=updated):
+                updated["k"] = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(self.dtype), index, 1)
+                updated["v"] = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(self.dtype), index, 1)
+                return updated["k"], updated["v"]
+
+            x = layer(x, splice, self_mask, cross, cross_mask, positions, None)
+            new_layers.append(updated)
+        return self._logits(x)[:, 0], {"layers": tuple(new_layers), "index": index + 1}
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,65 @@
+"""Every partitioning decision in one place.
+
+The mesh has a "data" axis (batch rows are split over it) and a "model" axis of size 1, kept
+so tensor or FSDP sharding of parameters can later be added here without touching the trainer.
+Parameters and optimizer state are replicated; batches are sharded along "data".
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-host job through jax.distributed when the environment describes one.
+
+    Set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run where JAX
+    auto-detects the cluster: TPU pods, SLURM, Open MPI and set TRANSFORMER_MT_DISTRIBUTED=1).
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("TRANSFORMER_MT_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1, 1), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def data_size(mesh: Mesh) -> int:
+    """How many ways a batch is split: global batch rows must be a multiple of this."""
+    return mesh.shape[DATA]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA))
+
+
+def state_sharding(mesh: Mesh, state):
+    """Parameters and optimizer state: replicated (the place to add a model-axis rule)."""
+    return jax.tree.map(lambda _: replicated(mesh), state)
+
+
+def put_state(mesh: Mesh, state):
+    return jax.device_put(state, state_sharding(mesh, state))
+
+
+def put_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]):
+    """This process's rows -> global arrays sharded along "data" (works on one or many hosts)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

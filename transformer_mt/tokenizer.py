@@ -1,0 +1,167 @@
+"""SentencePiece tokenization with fixed special ids, trained from the training split on demand.
+
+The model files are copied into the run directory, so a run directory alone is enough to
+translate later.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+from transformer_mt.config import ConfigError, TokenizerConfig
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+JOINT_FILE, SRC_FILE, TGT_FILE = "spm.model", "spm.src.model", "spm.tgt.model"
+
+
+class Tokenizer:
+    """Source and target SentencePiece processors (the same one when the vocabulary is joint)."""
+
+    def __init__(self, src: spm.SentencePieceProcessor, tgt: spm.SentencePieceProcessor, paths: Sequence[Path]):
+        self.src, self.tgt, self.paths = src, tgt, tuple(Path(p) for p in paths)
+        for sp, path in ((src, self.paths[0]), (tgt, self.paths[-1])):
+            ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+            if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+                raise ConfigError(f"tokenizer {path}: special ids pad/unk/bos/eos are {ids}, expected (0, 1, 2, 3)")
+
+    @property
+    def joint(self) -> bool:
+        return len(self.paths) == 1
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.src.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.tgt.get_piece_size()
+
+    def encode_src(self, texts: Sequence[str]) -> list[list[int]]:
+        """Source ids followed by EOS (the encoder sees where the sentence ends)."""
+        return [ids + [EOS_ID] for ids in self.src.encode(list(texts))]
+
+    def encode_tgt(self, texts: Sequence[str]) -> list[list[int]]:
+        """Target ids without BOS/EOS; the batcher adds them for teacher forcing."""
+        return self.tgt.encode(list(texts))
+
+    def decode_tgt(self, ids: Iterable[Sequence[int]]) -> list[str]:
+        """Detokenizes, cutting each sequence at its first EOS and ignoring pad/BOS."""
+        out = []
+        for seq in ids:
+            clean = []
+            for t in seq:
+                t = int(t)
+                if t == EOS_ID:
+                    break
+                if t not in (PAD_ID, BOS_ID):
+                    clean.append(t)
+            out.append(self.tgt.decode(clean))
+        return out
+
+    def save(self, run_dir: str | Path) -> None:
+        """Copies the model file(s) into run_dir under fixed names."""
+        names = (JOINT_FILE,) if self.joint else (SRC_FILE, TGT_FILE)
+        for src_path, name in zip(self.paths, names):
+            dest = Path(run_dir) / name
+            if src_path.resolve() != dest.resolve():
+                shutil.copyfile(src_path, dest)
+
+
+def _load_processor(path: Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise ConfigError(f"tokenizer model not found: {path}")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"tokenizer model {path} cannot be loaded: {str(e).splitlines()[0]}") from None
+
+
+def load_paths(paths: Sequence[str | Path]) -> Tokenizer:
+    """One path: joint vocabulary; two paths: separate source and target vocabularies."""
+    paths = [Path(p) for p in paths]
+    if len(paths) not in (1, 2):
+        raise ConfigError("tokenizer.model_paths takes one (joint) or two (source, target) files")
+    procs = [_load_processor(p) for p in paths]
+    return Tokenizer(procs[0], procs[-1], paths)
+
+
+def load_from_run(run_dir: str | Path) -> Tokenizer:
+    run_dir = Path(run_dir)
+    if (run_dir / JOINT_FILE).is_file():
+        return load_paths([run_dir / JOINT_FILE])
+    if (run_dir / SRC_FILE).is_file():
+        return load_paths([run_dir / SRC_FILE, run_dir / TGT_FILE])
+    raise ConfigError(f"no tokenizer ({JOINT_FILE} or {SRC_FILE}) in run directory {run_dir}")
+
+
+def _train_one(texts: Sequence[str], prefix: Path, cfg: TokenizerConfig, seed: int) -> Path:
+    lines = [t for t in texts if t.strip()]
+    if cfg.input_sentence_size and len(lines) > cfg.input_sentence_size:
+        lines = random.Random(seed).sample(lines, cfg.input_sentence_size)
+    if not lines:
+        raise ConfigError("cannot train a tokenizer: the training data has no non-empty lines")
+    model = io.BytesIO()
+    kwargs = dict(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=cfg.vocab_size,
+        model_type=cfg.model_type,
+        character_coverage=cfg.character_coverage,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        minloglevel=2,
+        num_threads=2,
+        # Small corpora cannot always reach vocab_size: treat it as an upper bound.
+        hard_vocab_limit=False,
+    )
+    try:
+        spm.SentencePieceTrainer.train(**kwargs)
+    except RuntimeError as e:
+        raise ConfigError(f"tokenizer training failed: {str(e).splitlines()[0]}") from None
+    path = prefix.with_suffix(".model")
+    tmp = path.with_suffix(".model.tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def train(cfg: TokenizerConfig, src_texts: Sequence[str], tgt_texts: Sequence[str], out_dir: str | Path, seed: int = 0) -> Tokenizer:
+    """Trains SentencePiece on the training split, writing the model(s) into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.joint:
+        path = _train_one(list(src_texts) + list(tgt_texts), out_dir / Path(JOINT_FILE).stem, cfg, seed)
+        return load_paths([path])
+    src = _train_one(src_texts, out_dir / Path(SRC_FILE).stem, cfg, seed)
+    tgt = _train_one(tgt_texts, out_dir / Path(TGT_FILE).stem, cfg, seed)
+    return load_paths([src, tgt])
+
+
+def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: int = 0) -> Tokenizer:
+    """The run's own tokenizer if present, else cfg.model_paths, else one trained now.
+
+    `train_pairs` is a callable returning (src_texts, tgt_texts), called only if training is needed.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / JOINT_FILE).is_file() or (run_dir / SRC_FILE).is_file():
+        tok = load_from_run(run_dir)
+    elif cfg.model_paths:
+        tok = load_paths(cfg.model_paths)
+        tok.save(run_dir)
+        tok = load_from_run(run_dir)
+    else:
+        src, tgt = train_pairs()
+        tok = train(cfg, src, tgt, run_dir, seed)
+    if tok.joint != cfg.joint:
+        raise ConfigError(
+            f"tokenizer in {run_dir} is {'joint' if tok.joint else 'separate'} but tokenizer.joint={cfg.joint}"
+        )
+    return tok

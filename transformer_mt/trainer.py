@@ -1,0 +1,302 @@
+"""The training loop: data, mesh, jit, logging, validation, checkpoints, resume.
+
+The step functions themselves are pure (train_step.py); here they are jit-compiled once with
+explicit shardings and donated state.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from transformer_mt import config as config_lib
+from transformer_mt import data as data_lib
+from transformer_mt import sharding
+from transformer_mt import tokenizer as tok_lib
+from transformer_mt import train_step as ts
+from transformer_mt.checkpoint import Checkpoints
+from transformer_mt.config import Config, ConfigError
+from transformer_mt.model import Transformer, count_params
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early for a reason the user must see (e.g. a non-finite loss)."""
+
+
+@dataclass
+class Progress:
+    """Validation history kept in each checkpoint's JSON record."""
+
+    best_bleu: float = -1.0
+    best_step: int = -1
+    bad_validations: int = 0
+    history: list = field(default_factory=list)
+
+
+def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Transformer:
+    return Transformer(cfg.model, src_vocab, tgt_vocab, nnx.Rngs(params=cfg.train.seed))
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(workdir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, record: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT (preemption notice, Ctrl-C) into a flag checked between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def prepare_workdir(workdir: Path, cfg: Config | None, resume: bool, overrides: list[str]) -> Config:
+    """Resolves the run's config: the given one, else (on --resume) the run directory's own plus overrides."""
+    saved = workdir / CONFIG_FILE
+    has_checkpoints = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
+    if cfg is None and resume and saved.is_file():
+        cfg = config_lib.load(saved, overrides)
+    if has_checkpoints and not resume:
+        raise ConfigError(f"{workdir} already holds checkpoints: pass --resume to continue, or choose a new --workdir")
+    if cfg is None:
+        raise ConfigError(f"no --config given and no {CONFIG_FILE} in {workdir}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        tmp = workdir / (CONFIG_FILE + ".tmp")
+        config_lib.save_yaml(cfg, tmp)
+        tmp.replace(saved)
+    return cfg
+
+
+def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrides: list[str] | None = None,
+          progress_bar: bool = True) -> dict:
+    """Trains (or resumes) a run in `workdir`; returns the last logged metrics."""
+    sharding.maybe_initialize_distributed()
+    workdir = Path(workdir)
+    cfg = prepare_workdir(workdir, cfg, resume, overrides or [])
+    is_main = jax.process_index() == 0
+    tcfg, dcfg = cfg.train, cfg.data
+
+    # Data and tokenizer.
+    train_src, train_tgt = data_lib.load_split(dcfg, "train")
+    tok = tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed)
+    mesh = sharding.make_mesh()
+    rows_multiple = sharding.data_size(mesh)
+    train_examples = data_lib.tokenize_pairs(tok, train_src, train_tgt, dcfg.max_len)
+    stream = data_lib.TrainStream(train_examples, dcfg, tcfg.seed, rows_multiple,
+                                  jax.process_index(), jax.process_count())
+    valid_src, valid_tgt = data_lib.load_split(dcfg, "valid")
+    valid_examples = data_lib.tokenize_pairs(tok, valid_src, valid_tgt, dcfg.bucket_lengths[-1])
+    valid_batches = data_lib.eval_batches(valid_examples, dcfg, rows_multiple, jax.process_index(),
+                                          jax.process_count()) if len(valid_examples) else []
+
+    # Model, optimizer, state.
+    model = build_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
+    tx = ts.make_optimizer(tcfg)
+    graphdef, state = ts.init_state(model, tx, tcfg.seed)
+    del model
+    state = sharding.put_state(mesh, state)
+
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
+    best = Checkpoints(workdir / "best", keep=1)
+    progress = Progress()
+    if resume and checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(None, state)
+        stream.set_position(meta["data_position"])
+        progress = Progress(**meta["progress"])
+    start_step = int(state["step"])
+
+    # Compiled steps: jit once, explicit shardings, donated state.
+    state_sh = sharding.state_sharding(mesh, state)
+    repl = sharding.replicated(mesh)
+    micro = jax.jit(ts.bind(ts.micro_grads, graphdef=graphdef, smoothing=tcfg.label_smoothing))
+    apply = jax.jit(ts.bind(ts.apply_grads, tx=tx), donate_argnums=0, out_shardings=(state_sh, repl))
+    fused = jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=tcfg.label_smoothing),
+                    donate_argnums=0, out_shardings=(state_sh, repl))
+    add = jax.jit(ts.accumulate, donate_argnums=0)
+    evaluate = jax.jit(ts.bind(ts.eval_step, graphdef=graphdef, smoothing=tcfg.label_smoothing))
+
+    def one_step(state):
+        if tcfg.grad_accum == 1:
+            return fused(state, sharding.put_batch(mesh, next(stream)))
+        acc = None
+        for i in range(tcfg.grad_accum):
+            out = micro(state, sharding.put_batch(mesh, next(stream)), jnp.int32(i))
+            acc = out if acc is None else add(acc, *out)
+        return apply(state, *acc)
+
+    def meta() -> dict:
+        return {"data_position": stream.position, "progress": progress.__dict__,
+                "config": config_lib.to_dict(cfg), "step": int(state["step"])}
+
+    log = MetricsLog(workdir, is_main)
+    if is_main:
+        n_params = count_params(nnx.merge(graphdef, state["params"]))
+        print(f"model: {n_params / 1e6:.2f}M parameters; vocab {tok.src_vocab_size}/{tok.tgt_vocab_size}; "
+              f"{len(train_examples)} training pairs; {len(jax.devices())} device(s); from step {start_step}",
+              flush=True)
+
+    translator = None
+    if tcfg.bleu_every:
+        from transformer_mt.translate import Translator
+
+        translator = Translator(cfg, graphdef, tok, mesh)
+        bleu_src = valid_src[: tcfg.bleu_subset] if tcfg.bleu_subset else valid_src
+        bleu_ref = valid_tgt[: tcfg.bleu_subset] if tcfg.bleu_subset else valid_tgt
+
+    last: dict[str, Any] = {}
+    pending: list = []
+    t_start = time.time()
+    t_log, step = time.time(), start_step
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (progress_bar and is_main),
+               dynamic_ncols=True, desc="train")
+    stop_reason = None
+    with StopSignal() as stop:
+        while step < tcfg.max_steps:
+            state, metrics = one_step(state)
+            step += 1
+            pending.append(metrics)
+            bar.update(1)
+            if tcfg.log_every and step % tcfg.log_every == 0 or step == tcfg.max_steps:
+                last = _summarise(jax.device_get(pending), step, time.time() - t_log,
+                                  float(ts.inverse_sqrt_schedule(tcfg.learning_rate, tcfg.warmup_steps)(step - 1)))
+                pending, t_log = [], time.time()
+                log.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+                if last["nonfinite_steps"] and tcfg.on_nonfinite == "stop":
+                    stop_reason = "nonfinite"
+                    break
+                if last["nonfinite_steps"]:
+                    tqdm.write(f"warning: skipped {last['nonfinite_steps']} step(s) with a non-finite loss or gradient before step {step}")
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and valid_batches:
+                record = _validate(evaluate, state["params"], valid_batches, mesh, step)
+                log.write(record, "valid")
+                tqdm.write(f"step {step}: valid loss {record['loss']:.4f} nll {record['nll']:.4f} acc {record['accuracy']:.3f}")
+            if translator is not None and step % tcfg.bleu_every == 0:
+                record = _validate_bleu(translator, state["params"], bleu_src, bleu_ref, cfg, step)
+                log.write(record, "valid")
+                improved = record["bleu"] > progress.best_bleu
+                progress.history.append([step, record["bleu"]])
+                if improved:
+                    progress.best_bleu, progress.best_step, progress.bad_validations = record["bleu"], step, 0
+                else:
+                    progress.bad_validations += 1
+                tqdm.write(f"step {step}: valid BLEU {record['bleu']:.2f} (best {progress.best_bleu:.2f} at {progress.best_step})")
+                if improved:
+                    best.save(step, state, meta())
+                if tcfg.patience and progress.bad_validations >= tcfg.patience:
+                    stop_reason = "early stopping"
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+                checkpoints.save(step, state, meta())
+            if tcfg.time_limit_minutes and time.time() - t_start > 60 * tcfg.time_limit_minutes:
+                stop_reason = stop_reason or "time limit"
+            if stop.received:
+                stop_reason = f"signal {stop.received}"
+            if stop_reason:
+                break
+        bar.close()
+        if stop_reason == "nonfinite":
+            checkpoints.close()
+            best.close()
+            log.close()
+            raise TrainingStopped(
+                f"non-finite loss or gradient at or before step {step}; stopped (train.on_nonfinite=stop), "
+                f"last good checkpoint: step {checkpoints.latest_step()}"
+            )
+        if checkpoints.latest_step() != step:
+            checkpoints.save(step, state, meta())
+        checkpoints.close()
+        best.close()
+    log.close()
+    if is_main:
+        print(f"stopped at step {step}" + (f" ({stop_reason})" if stop_reason else "") +
+              f"; checkpoint in {checkpoints.directory}", flush=True)
+    return {"step": step, "stop_reason": stop_reason, **last}
+
+
+def _summarise(pending: list[dict], step: int, seconds: float, lr: float) -> dict:
+    tokens = sum(float(m["tokens"]) for m in pending)
+    finite = [m for m in pending if bool(m["finite"])]
+
+    def mean(key):
+        if not finite:
+            return float("nan")
+        return float(np.average([float(m[key]) for m in finite], weights=[float(m["tokens"]) for m in finite]))
+
+    return {
+        "step": step, "loss": mean("loss"), "nll": mean("nll"), "accuracy": mean("accuracy"),
+        "grad_norm": float(np.mean([float(m["grad_norm"]) for m in finite])) if finite else float("nan"),
+        "lr": lr, "tokens_per_sec": tokens / max(seconds, 1e-9),
+        "nonfinite_steps": len(pending) - len(finite),
+    }
+
+
+def _validate(evaluate, params, batches, mesh, step: int) -> dict:
+    totals = None
+    for batch in batches:
+        out = evaluate(params, sharding.put_batch(mesh, batch))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    tokens = max(float(totals["tokens"]), 1.0)
+    nll = float(totals["nll_sum"]) / tokens
+    return {"step": step, "split": "valid", "loss": float(totals["loss_sum"]) / tokens, "nll": nll,
+            "ppl": float(np.exp(min(nll, 50.0))), "accuracy": float(totals["correct"]) / tokens}
+
+
+def _validate_bleu(translator, params, src, ref, cfg: Config, step: int) -> dict:
+    from transformer_mt.metrics import corpus_scores
+
+    hyps = translator.translate(params, src, beam_size=cfg.decode.beam_size, alpha=cfg.decode.alpha)
+    scores = corpus_scores(hyps, ref)
+    return {"step": step, "split": "valid", "bleu": scores["bleu"], "chrf": scores["chrf"]}
