@@ -52,9 +52,12 @@ def _read_text_pair(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str
 
 
 def _read_tsv(path: Path) -> tuple[list[str], list[str]]:
+    import datasets
+
+    features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
     ds = _load_local(
         "csv", path, delimiter="\t", column_names=["src", "tgt"], quoting=csv.QUOTE_NONE,
-        keep_default_na=False, dtype=str,
+        keep_default_na=False, na_filter=False, features=features,
     )
     return [s or "" for s in ds["src"]], [t or "" for t in ds["tgt"]]
 

@@ -209,9 +209,13 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ entry points
 
-    def encode(self, src, rngs: nnx.Rngs | None = None):
-        """src [B, S] -> (encoded [B, S, D], src_mask bool [B, S]). Dropout only when rngs given."""
-        src_mask = src != PAD_ID
+    def encode(self, src, rngs: nnx.Rngs | None = None, src_mask=None):
+        """src [B, S] -> (encoded [B, S, D], src_mask bool [B, S]). Dropout only when rngs given.
+
+        src_mask defaults to src != PAD_ID; positions outside it are never attended to.
+        """
+        if src_mask is None:
+            src_mask = src != PAD_ID
         positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
         x = self._embed(self.src_embed, src, positions, rngs)
         attn_mask = src_mask[:, None, None, :]  # [B, 1, 1, S]

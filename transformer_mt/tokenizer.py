@@ -100,7 +100,7 @@ def load_from_run(run_dir: str | Path) -> Tokenizer:
     raise ConfigError(f"no tokenizer ({JOINT_FILE} or {SRC_FILE}) in run directory {run_dir}")
 
 
-def _train_one(texts: Sequence[str], prefix: Path, cfg: TokenizerConfig, seed: int) -> Path:
+def _train_one(texts: Sequence[str], path: Path, cfg: TokenizerConfig, seed: int) -> Path:
     lines = [t for t in texts if t.strip()]
     if cfg.input_sentence_size and len(lines) > cfg.input_sentence_size:
         lines = random.Random(seed).sample(lines, cfg.input_sentence_size)
@@ -126,8 +126,7 @@ def _train_one(texts: Sequence[str], prefix: Path, cfg: TokenizerConfig, seed: i
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as e:
         raise ConfigError(f"tokenizer training failed: {str(e).splitlines()[0]}") from None
-    path = prefix.with_suffix(".model")
-    tmp = path.with_suffix(".model.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(path)
     return path
@@ -138,10 +137,10 @@ def train(cfg: TokenizerConfig, src_texts: Sequence[str], tgt_texts: Sequence[st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.joint:
-        path = _train_one(list(src_texts) + list(tgt_texts), out_dir / Path(JOINT_FILE).stem, cfg, seed)
+        path = _train_one(list(src_texts) + list(tgt_texts), out_dir / JOINT_FILE, cfg, seed)
         return load_paths([path])
-    src = _train_one(src_texts, out_dir / Path(SRC_FILE).stem, cfg, seed)
-    tgt = _train_one(tgt_texts, out_dir / Path(TGT_FILE).stem, cfg, seed)
+    src = _train_one(src_texts, out_dir / SRC_FILE, cfg, seed)
+    tgt = _train_one(tgt_texts, out_dir / TGT_FILE, cfg, seed)
     return load_paths([src, tgt])
 
 

@@ -1,0 +1,132 @@
+"""Data: local formats, line-count checks, SentencePiece round trip, bucketed batching."""
+
+import gzip
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from transformer_mt import data as data_lib
+from transformer_mt import tokenizer as tok_lib
+from transformer_mt.config import ConfigError, TokenizerConfig
+
+MULTI30K = ROOT / "data" / "multi30k"
+
+
+def read_gz(name, n=None):
+    with gzip.open(MULTI30K / name, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    return lines[:-1][:n] if n else lines[:-1]
+
+
+def test_vendored_multi30k_line_counts():
+    for split, n in (("train", 29000), ("val", 1014), ("test_2016_flickr", 1000)):
+        for lang in ("en", "de", "fr"):
+            assert len(read_gz(f"{split}.{lang}.gz")) == n
+
+
+def test_local_parallel_text_gz_matches_raw_lines():
+    src, tgt = data_lib.read_local([str(MULTI30K / "val.en.gz"), str(MULTI30K / "val.de.gz")], "en", "de")
+    assert src == read_gz("val.en.gz") and tgt == read_gz("val.de.gz")
+
+
+def test_parallel_files_with_different_lengths_name_both(tmp_path):
+    a, b = tmp_path / "a.en", tmp_path / "b.de"
+    a.write_text("one\ntwo\nthree\n")
+    b.write_text("eins\nzwei\n")
+    with pytest.raises(ConfigError, match=r"a\.en has 3 lines, .*b\.de has 2"):
+        data_lib.read_local([str(a), str(b)], "en", "de")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="data file not found: .*nope.en"):
+        data_lib.read_local([str(tmp_path / "nope.en"), str(tmp_path / "nope.de")], "en", "de")
+
+
+def test_tsv_jsonl_and_hub_style_records(tmp_path):
+    src, tgt = ["a dog runs .", "", "two \"quoted\" cats"], ["ein Hund läuft .", "leer", "zwei Katzen"]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join(f"{s}\t{t}\n" for s, t in zip(src, tgt)), encoding="utf-8")
+    assert data_lib.read_local([str(tsv)], "en", "de") == (src, tgt)
+    jsonl = tmp_path / "pairs.jsonl"
+    data_lib.write_jsonl_pairs(jsonl, src, tgt, "en", "de")
+    assert data_lib.read_local([str(jsonl)], "en", "de") == (src, tgt)
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("".join(json.dumps({"en": s, "de": t}) + "\n" for s, t in zip(src, tgt)))
+    assert data_lib.read_local([str(flat)], "en", "de") == (src, tgt)
+    # The hub path, on a local dataset directory laid out like a hub repository.
+    repo = tmp_path / "hub_like"
+    repo.mkdir()
+    data_lib.write_jsonl_pairs(repo / "train.jsonl", src, tgt, "en", "de")
+    assert data_lib.read_hub(str(repo), "", "train", "en", "de") == (src, tgt)
+    with pytest.raises(ConfigError, match="lack languages 'en'/'fr'"):
+        data_lib.read_hub(str(repo), "", "train", "en", "fr")
+
+
+@pytest.fixture(scope="module")
+def spm_tok(tmp_path_factory):
+    src, tgt = read_gz("train.en.gz", 3000), read_gz("train.de.gz", 3000)
+    return tok_lib.train(TokenizerConfig(vocab_size=500), src, tgt, tmp_path_factory.mktemp("spm"))
+
+
+def test_sentencepiece_round_trip_on_multi30k(spm_tok, tmp_path):
+    lines = read_gz("val.de.gz", 200)
+    ids = spm_tok.encode_tgt(lines)
+    # SentencePiece applies NFKC and collapses whitespace (e.g. a no-break space in line 76).
+    normalized = [" ".join(unicodedata.normalize("NFKC", line).split()) for line in lines]
+    assert spm_tok.decode_tgt(ids) == normalized
+    assert sum(n != line for n, line in zip(normalized, lines)) <= 2
+    assert all(s[-1] == tok_lib.EOS_ID for s in spm_tok.encode_src(lines[:5]))
+    assert (spm_tok.src.pad_id(), spm_tok.src.unk_id(), spm_tok.src.bos_id(), spm_tok.src.eos_id()) == (0, 1, 2, 3)
+    spm_tok.save(tmp_path)
+    again = tok_lib.load_from_run(tmp_path)
+    assert again.encode_tgt(lines[:20]) == ids[:20]
+
+
+def test_separate_vocabularies(tmp_path):
+    src, tgt = read_gz("train.en.gz", 2000), read_gz("train.de.gz", 2000)
+    tok = tok_lib.train(TokenizerConfig(vocab_size=300, joint=False, model_type="bpe"), src, tgt, tmp_path)
+    assert not tok.joint and tok.tgt.decode(tok.encode_tgt(tgt[:10])) == tgt[:10]
+    assert (tmp_path / "spm.src.model").is_file() and (tmp_path / "spm.tgt.model").is_file()
+
+
+def test_batches_visit_every_pair_once_in_bucket_shapes(spm_tok):
+    cfg = tiny_config("data.bucket_lengths=[8, 16, 24, 32]", "data.max_len=32", "data.batch_tokens=256").data
+    src, tgt = read_gz("train.en.gz", 1500), read_gz("train.de.gz", 1500)
+    examples = data_lib.tokenize_pairs(spm_tok, src, tgt, cfg.max_len)
+    assert 900 < len(examples) < 1500  # some pairs exceed max_len and are dropped
+    stream = data_lib.TrainStream(examples, cfg, seed=3, row_multiple=4)
+    plan = stream.plan(0)
+    seen = np.concatenate([idx for _, idx in plan])
+    seen = seen[seen >= 0]
+    assert sorted(seen.tolist()) == list(range(len(examples)))  # each pair exactly once
+    shapes = set()
+    for _ in range(len(plan)):
+        batch = next(stream)
+        shapes.add(batch["src"].shape)
+        assert batch["src"].shape == batch["tgt_in"].shape == batch["tgt_out"].shape
+        real = batch["tgt_out"] != 0
+        assert (batch["tgt_in"][:, 0][real[:, 0]] == tok_lib.BOS_ID).all()
+    allowed = {(data_lib.rows_for_bucket(b, 256, 4), b) for b in cfg.bucket_lengths}
+    assert shapes <= allowed and all(rows % 4 == 0 for rows, _ in shapes)
+    assert stream.position == {"epoch": 0, "index": len(plan)}
+    # The order is a pure function of (seed, epoch): a new stream resumes mid-epoch exactly.
+    first = [next(stream) for _ in range(3)]
+    again = data_lib.TrainStream(examples, cfg, seed=3, row_multiple=4)
+    again.set_position({"epoch": 1, "index": 0})
+    for a in first:
+        b = next(again)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    other_epoch = [i.tolist() for _, i in stream.plan(2)]
+    assert other_epoch != [i.tolist() for _, i in stream.plan(1)]
+
+
+def test_process_slices_partition_each_batch(spm_tok):
+    cfg = tiny_config("data.bucket_lengths=[16, 32]", "data.max_len=32", "data.batch_tokens=256").data
+    examples = data_lib.tokenize_pairs(spm_tok, read_gz("train.en.gz", 300), read_gz("train.de.gz", 300), 32)
+    whole = next(data_lib.TrainStream(examples, cfg, seed=0, row_multiple=2))
+    halves = [next(data_lib.TrainStream(examples, cfg, seed=0, row_multiple=2, process_index=p, process_count=2))
+              for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["src"] for h in halves]), whole["src"])

@@ -1,0 +1,90 @@
+"""Model properties: padding is invisible, decoding is causal, cached steps equal the full pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformer_mt.config import ModelConfig
+from transformer_mt.model import Transformer
+
+V = 40
+SRC = np.array([[5, 6, 7, 8, 3, 0, 0, 0], [9, 10, 11, 12, 13, 14, 15, 3]], np.int32)
+TGT = np.array([[2, 20, 21, 22, 23, 24], [2, 25, 26, 27, 28, 29]], np.int32)
+
+
+def make(positional="sinusoidal", pre_norm=True, tie=True):
+    cfg = ModelConfig(d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
+                      dropout=0.1, positional=positional, pre_norm=pre_norm, tie_embeddings=tie,
+                      dtype="float32")
+    return Transformer(cfg, V, V, nnx.Rngs(0))
+
+
+VARIANTS = [("sinusoidal", True, True), ("rotary", False, False)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_does_not_change_outputs(variant):
+    model = make(*variant)
+    logits = model(SRC, TGT)
+    # Same sentences with four more pad columns: identical outputs.
+    padded = np.pad(SRC, ((0, 0), (0, 4)))
+    np.testing.assert_allclose(model(padded, TGT), logits, atol=1e-5)
+    # Garbage under an explicit mask is never attended to.
+    mask = SRC != 0
+    junk = np.where(mask, SRC, 17)
+    enc_a, _ = model.encode(SRC, src_mask=mask)
+    enc_b, _ = model.encode(junk, src_mask=mask)
+    np.testing.assert_allclose(model.decode(TGT, enc_b, mask), model.decode(TGT, enc_a, mask), atol=1e-5)
+    np.testing.assert_allclose(enc_b[0, :5], enc_a[0, :5], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoder_is_causal(variant):
+    model = make(*variant)
+    logits = model(SRC, TGT)
+    for i in range(TGT.shape[1] - 1):
+        changed = TGT.copy()
+        changed[:, i + 1 :] = 33  # every token after position i
+        np.testing.assert_allclose(model(SRC, changed)[:, : i + 1], logits[:, : i + 1], atol=1e-5)
+    # ...while position i does see token i (the test can fail).
+    changed = TGT.copy()
+    changed[:, 2] = 33
+    assert not np.allclose(model(SRC, changed)[:, 2], logits[:, 2], atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_cached_decoding_equals_full_forward(variant, use_jit):
+    model = make(*variant)
+    full = model(SRC, TGT)  # [B, T, V]
+    graphdef, params = nnx.split(model)
+
+    def steps(params):
+        m = nnx.merge(graphdef, params)
+        enc, mask = m.encode(SRC)
+        cross = m.cross_kv(enc)
+        cache = m.init_cache(SRC.shape[0], 8)  # longer than the target: unused slots must be masked
+        out = []
+        for t in range(TGT.shape[1]):
+            logits, cache = m.decode_step(jnp.asarray(TGT[:, t]), cache, cross, mask)
+            out.append(logits)
+        return jnp.stack(out, axis=1)
+
+    stepped = (jax.jit(steps) if use_jit else steps)(params)
+    np.testing.assert_allclose(stepped, full, atol=2e-5, rtol=1e-5)
+
+
+def test_dropout_only_with_rngs_and_tied_embeddings():
+    model = make()
+    a = model(SRC, TGT)
+    np.testing.assert_array_equal(model(SRC, TGT), a)  # no rngs: deterministic
+    assert not np.allclose(model(SRC, TGT, rngs=nnx.Rngs(dropout=1)), a)
+    params = nnx.state(model, nnx.Param)
+    names = {"/".join(str(k) for k in path) for path, _ in nnx.to_flat_state(params)}
+    assert any(n.startswith("src_embed") for n in names)
+    assert not any(n.startswith(("tgt_embed", "output")) for n in names)  # shared, stored once
+    untied = make(tie=False)
+    names = {"/".join(str(k) for k in p) for p, _ in nnx.to_flat_state(nnx.state(untied, nnx.Param))}
+    assert any(n.startswith("output") for n in names) and any(n.startswith("tgt_embed") for n in names)

@@ -1,0 +1,393 @@
+"""Translation of sentence lists, files and stdin with a trained run; `evaluate` on top of it.
+
+Sentences are sorted by length and decoded in the same small set of padded shapes as training,
+so jit compiles a bounded number of programs; outputs are put back in input order. Whatever the
+input, the output has exactly one line per input line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from transformer_mt import config as config_lib
+from transformer_mt import data as data_lib
+from transformer_mt import decode as decode_lib
+from transformer_mt import sharding
+from transformer_mt import tokenizer as tok_lib
+from transformer_mt import train_step as ts
+from transformer_mt.checkpoint import Checkpoints
+from transformer_mt.config import Config, ConfigError
+from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    beam_size: int
+    alpha: float
+    max_len_a: float
+    max_len_b: int
+    max_len_cap: int
+    batch_tokens: int
+    nbest: int = 1
+
+    def max_steps(self, src_len: int) -> int:
+        """Output length limit for a source of src_len tokens: a * src_len + b, capped."""
+        return int(max(1, min(self.max_len_cap, math.floor(self.max_len_a * src_len + self.max_len_b))))
+
+
+def settings_from(cfg: Config, **overrides) -> SearchSettings:
+    d = cfg.decode
+    base = dict(beam_size=d.beam_size, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
+                max_len_cap=d.max_len_cap, batch_tokens=d.batch_tokens)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    s = SearchSettings(**base)
+    if s.beam_size < 1:
+        raise ConfigError(f"beam size must be >= 1, got {s.beam_size}")
+    if not 1 <= s.nbest <= s.beam_size:
+        raise ConfigError(f"--nbest ({s.nbest}) must be between 1 and the beam size ({s.beam_size})")
+    if s.batch_tokens < 1:
+        raise ConfigError("--batch-tokens must be positive")
+    return s
+
+
+class Translator:
+    """Decodes token ids with a model's params; one jit-compiled search per (settings, shape)."""
+
+    def __init__(self, cfg: Config, graphdef, tok: tok_lib.Tokenizer, mesh=None):
+        self.cfg, self.graphdef, self.tok = cfg, graphdef, tok
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        self.buckets = tuple(cfg.data.bucket_lengths)
+        self.truncated = 0
+
+    @functools.lru_cache(maxsize=64)
+    def _search(self, beam_size: int, alpha: float, nbest: int, max_steps: int):
+        graphdef = self.graphdef
+
+        def search(params, src, max_lens):
+            model = nnx.merge(graphdef, params)
+            encoded, src_mask = model.encode(src)  # [B, S, D], [B, S]
+            cross = model.cross_kv(encoded)  # per layer ([B, S, H, K], [B, S, H, K])
+            batch = src.shape[0]
+            if beam_size == 1:
+                fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=src_mask)
+                tokens, scores = decode_lib.greedy_search(
+                    lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
+                    batch_size=batch, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                    max_lens=max_lens)
+                return tokens[:, None, :], scores[:, None]
+            cross = decode_lib.expand_to_beams(cross, beam_size)
+            beam_mask = decode_lib.expand_to_beams(src_mask, beam_size)
+            fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=beam_mask)
+            tokens, scores, _ = decode_lib.beam_search(
+                lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
+                batch_size=batch, beam_size=beam_size, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID,
+                pad_id=PAD_ID, alpha=alpha, max_lens=max_lens, nbest=nbest)
+            return tokens, scores
+
+        return jax.jit(search)
+
+    def _fit(self, ids: list[int]) -> list[int]:
+        """Source ids (ending in EOS) cut to the largest bucket, counted and warned about by callers."""
+        limit = self.buckets[-1]
+        if len(ids) <= limit:
+            return ids
+        self.truncated += 1
+        return ids[: limit - 1] + [EOS_ID]
+
+    def translate_ids(self, params, sources: Sequence[list[int]], settings: SearchSettings,
+                      progress: bool = False) -> list[list[tuple[list[int], float]]]:
+        """n-best (ids, score) lists for source id lists (each ending in EOS); empty sources give []."""
+        results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
+        sources = [self._fit(list(s)) for s in sources]
+        todo = [i for i, s in enumerate(sources) if len(s) > 1]
+        todo.sort(key=lambda i: len(sources[i]))
+        multiple = sharding.data_size(self.mesh)
+        batches = []
+        start = 0
+        while start < len(todo):
+            length = data_lib.bucket_for(len(sources[todo[start]]), self.buckets)
+            rows = data_lib.rows_for_bucket(length, settings.batch_tokens // max(settings.beam_size, 1), multiple)
+            chunk = [i for i in todo[start : start + rows] if len(sources[i]) <= length]
+            batches.append((length, rows, chunk))
+            start += len(chunk)
+        bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
+                   file=sys.stderr)
+        for length, rows, chunk in batches:
+            src = np.full((rows, length), PAD_ID, np.int32)
+            max_lens = np.ones((rows,), np.int32)  # all-pad filler rows stop at once
+            for r, i in enumerate(chunk):
+                src[r, : len(sources[i])] = sources[i]
+                max_lens[r] = settings.max_steps(len(sources[i]))
+            max_steps = settings.max_steps(length)
+            fn = self._search(settings.beam_size, float(settings.alpha), settings.nbest, max_steps)
+            batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens})
+            tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"]))
+            for r, i in enumerate(chunk):
+                results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def translate(self, params, sentences: Sequence[str], beam_size: int | None = None, alpha: float | None = None,
+                  progress: bool = False) -> list[str]:
+        """Best translation of each sentence (used for validation BLEU)."""
+        settings = settings_from(self.cfg, beam_size=beam_size, alpha=alpha)
+        ids = self.tok.encode_src([clean_line(s) for s in sentences])
+        nbest = self.translate_ids(params, ids, settings, progress)
+        return [self.tok.decode_tgt([hyps[0][0]])[0] if hyps else "" for hyps in nbest]
+
+
+def _cut(seq) -> list[int]:
+    """Ids up to (not including) the first EOS."""
+    out = []
+    for t in seq:
+        t = int(t)
+        if t == EOS_ID:
+            break
+        if t not in (PAD_ID, BOS_ID):
+            out.append(t)
+    return out
+
+
+# ----------------------------------------------------------------------------- hostile text
+
+_LINE_BREAKS = {"\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"}
+
+
+def clean_line(text: str) -> str:
+    """Control characters, tabs and in-line breaks become spaces; whitespace is trimmed."""
+    if text.isprintable():
+        return text.strip()
+    return "".join(" " if (c in _LINE_BREAKS or unicodedata.category(c) == "Cc") else c for c in text).strip()
+
+
+def one_line(text: str) -> str:
+    """Output text that can never add a line: every line-break character becomes a space."""
+    if any(c in _LINE_BREAKS for c in text):
+        text = "".join(" " if c in _LINE_BREAKS else c for c in text)
+    return text
+
+
+def decode_lines(raw_lines: Iterable[bytes], name: str, first_line: int = 1) -> Iterator[str]:
+    """bytes lines -> str, invalid UTF-8 replaced with U+FFFD and a warning naming the line."""
+    for n, raw in enumerate(raw_lines, start=first_line):
+        raw = raw.rstrip(b"\n")
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            warn(f"{name} line {n}: invalid UTF-8 replaced with U+FFFD")
+            yield raw.decode("utf-8", errors="replace")
+
+
+def read_lines(path: str) -> list[str]:
+    """All lines of a file (or '-' for stdin), split on '\\n' only, so counts match `wc -l`."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"input file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"input is a directory, not a file: {path}") from None
+        except PermissionError:
+            raise ConfigError(f"input file is not readable: {path}") from None
+    if not data:
+        return []
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return list(decode_lines(lines, "stdin" if path == "-" else path))
+
+
+# ----------------------------------------------------------------------------- loading a run
+
+
+def resolve_step(run_dir: Path, step: int | None, last: bool) -> tuple[Path, int]:
+    """(checkpoint directory, step): --step if given, else the best-BLEU checkpoint, else the last."""
+    ckpt_dirs = [run_dir / "best", run_dir / "checkpoints"]
+    if step is None and last:
+        ckpt_dirs = ckpt_dirs[1:]
+    for directory in ckpt_dirs:
+        if not directory.is_dir():
+            continue
+        steps = Checkpoints(directory, create=False).steps()
+        if step is None and steps:
+            return directory, steps[-1]
+        if step is not None and step in steps:
+            return directory, step
+    if step is not None:
+        raise ConfigError(f"no checkpoint for step {step} in {run_dir}")
+    raise ConfigError(f"no checkpoint in {run_dir} (expected {run_dir}/checkpoints/<step>)")
+
+
+def load_run(run_dir: str | Path, step: int | None = None, last: bool = False):
+    """(cfg, graphdef, params, tokenizer, step) from a run directory written by `train`."""
+    from transformer_mt.trainer import CONFIG_FILE, build_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: no {CONFIG_FILE}")
+    cfg = config_lib.load(run_dir / CONFIG_FILE)
+    tok = tok_lib.load_from_run(run_dir)
+    directory, step = resolve_step(run_dir, step, last)
+    tx = ts.make_optimizer(cfg.train)
+
+    def init():
+        model = build_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
+        return ts.init_state(model, tx, cfg.train.seed)
+
+    graphdef, abstract = nnx.eval_shape(lambda: init())
+    mesh = sharding.make_mesh()
+    repl = sharding.replicated(mesh)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+    try:
+        state, _ = Checkpoints(directory, create=False).restore(step, target)
+    except ConfigError:
+        raise
+    except Exception as e:  # orbax reports shape/structure mismatches with many exception types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"checkpoint {directory}/{step} does not match the run's model/tokenizer: {msg}") from None
+    return cfg, graphdef, state["params"], tok, step, mesh
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _settings_from_args(cfg: Config, args) -> SearchSettings:
+    return settings_from(cfg, beam_size=args.beam, alpha=args.alpha, max_len_a=args.max_len_a,
+                         max_len_b=args.max_len_b, batch_tokens=args.batch_tokens,
+                         nbest=getattr(args, "nbest", 1))
+
+
+def translate_lines(translator: Translator, params, lines: Sequence[str], settings: SearchSettings,
+                    progress: bool) -> list[list[tuple[str, float]]]:
+    """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)]."""
+    cleaned = [clean_line(s) for s in lines]
+    ids = translator.tok.encode_src(cleaned)
+    results = translator.translate_ids(params, ids, settings, progress)
+    out = []
+    for hyps in results:
+        if not hyps:
+            out.append([("", 0.0)] * settings.nbest)
+            continue
+        texts = translator.tok.decode_tgt([h[0] for h in hyps])
+        out.append([(one_line(t), s) for t, (_, s) in zip(texts, hyps)])
+    return out
+
+
+def _format(index: int, hyps: list[tuple[str, float]], nbest: int) -> list[str]:
+    if nbest == 1:
+        return [hyps[0][0]]
+    return [f"{index} ||| {text} ||| {score:.4f}" for text, score in hyps]
+
+
+def _iter_stdin_chunks(size: int) -> Iterator[list[bytes]]:
+    chunk = []
+    for raw in sys.stdin.buffer:
+        chunk.append(raw)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def translate_command(args) -> int:
+    cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, args.last)
+    settings = _settings_from_args(cfg, args)
+    translator = Translator(cfg, graphdef, tok, mesh)
+    progress = not args.no_progress
+    n_lines = 0
+    if args.input == "-" and args.output == "-":
+        size = args.buffer_lines or (1 if sys.stdin.isatty() else 2000)
+        first = 1
+        for chunk in _iter_stdin_chunks(size):
+            lines = list(decode_lines(chunk, "stdin", first))
+            first += len(chunk)
+            for k, hyps in enumerate(translate_lines(translator, params, lines, settings, progress=False)):
+                sys.stdout.write("\n".join(_format(n_lines + k, hyps, settings.nbest)) + "\n")
+            sys.stdout.flush()
+            n_lines += len(lines)
+    else:
+        lines = read_lines(args.input)
+        results = translate_lines(translator, params, lines, settings, progress)
+        text = "".join("\n".join(_format(i, h, settings.nbest)) + "\n" for i, h in enumerate(results))
+        n_lines = len(lines)
+        write_text(args.output, text)
+    if translator.truncated:
+        warn(f"{translator.truncated} line(s) longer than {translator.buckets[-1]} tokens were truncated")
+    print(f"translated {n_lines} line(s) with checkpoint step {step}", file=sys.stderr)
+    return 0
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes to stdout, or atomically to a file (a temporary file renamed on success)."""
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write output {path}: {e.strerror or e}") from None
+
+
+def evaluate_command(args) -> int:
+    from transformer_mt.metrics import corpus_scores
+
+    refs = read_lines(args.ref)
+    if args.hyp:
+        if args.checkpoint or args.src:
+            raise ConfigError("give either --hyp, or --checkpoint with --src, not both")
+        hyps = read_lines(args.hyp)
+        hyp_name = args.hyp
+    elif args.checkpoint and args.src:
+        cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, args.last)
+        translator = Translator(cfg, graphdef, tok, mesh)
+        sources = read_lines(args.src)
+        if len(sources) != len(refs):
+            raise ConfigError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(refs)}")
+        settings = _settings_from_args(cfg, args)
+        hyps = [h[0][0] for h in translate_lines(translator, params, sources, settings, not args.no_progress)]
+        if args.output:
+            write_text(args.output, "".join(h + "\n" for h in hyps))
+        hyp_name = f"{args.checkpoint} (step {step})"
+    else:
+        raise ConfigError("evaluate needs --hyp FILE, or --checkpoint RUN_DIR with --src FILE")
+    if len(hyps) != len(refs):
+        raise ConfigError(f"{hyp_name} has {len(hyps)} lines but {args.ref} has {len(refs)}")
+    scores = corpus_scores(hyps, refs)
+    if args.json:
+        print(json.dumps({"hyp": hyp_name, "ref": args.ref, "lines": len(refs), **scores}))
+    else:
+        print(f"BLEU = {scores['bleu']:.2f}  {scores['bleu_signature']}")
+        print(f"chrF = {scores['chrf']:.2f}  {scores['chrf_signature']}")
+    return 0
+
+
