@@ -84,7 +84,7 @@ def apply_grads(state: State, grads, metrics, *, tx, skip_nonfinite: bool = True
     """Divides summed grads by the batch's target tokens and updates; a non-finite step is skipped."""
     tokens = jnp.maximum(metrics["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss_sum"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
