@@ -1,0 +1,79 @@
+"""Training throughput of a config on this machine: target tokens/s, padded tokens/s, peak memory.
+
+    python benchmarks/train_speed.py --config configs/multi30k_en_de.yaml --steps 20
+
+Uses real batches from the config's training data (first N pairs), after one warm-up step per
+bucket shape so compile time is excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import jax
+import numpy as np
+
+from transformer_mt import config as config_lib
+from transformer_mt import data as data_lib
+from transformer_mt import sharding
+from transformer_mt import tokenizer as tok_lib
+from transformer_mt import train_step as ts
+from transformer_mt.trainer import build_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/multi30k_en_de.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--pairs", type=int, default=5000, help="training pairs to draw batches from")
+    p.add_argument("--workdir", default="/tmp/transformer_mt_bench", help="where the tokenizer is trained/cached")
+    args = p.parse_args()
+
+    cfg = config_lib.load(args.config, args.overrides + [f"data.max_train_examples={args.pairs}"])
+    src, tgt = data_lib.load_split(cfg.data, "train")
+    tok = tok_lib.load_or_train(cfg.tokenizer, args.workdir, lambda: (src, tgt))
+    mesh = sharding.make_mesh()
+    examples = data_lib.tokenize_pairs(tok, src, tgt, cfg.data.max_len)
+    stream = data_lib.TrainStream(examples, cfg.data, 0, sharding.data_size(mesh))
+    batches = [next(stream) for _ in range(args.steps)]
+
+    model = build_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
+    tx = ts.make_optimizer(cfg.train)
+    graphdef, state = ts.init_state(model, tx, 0)
+    state = sharding.put_state(mesh, state)
+    step = jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=cfg.train.label_smoothing),
+                   donate_argnums=0)
+    t0 = time.time()
+    for shape in sorted({b["src"].shape for b in batches}):  # compile every shape first
+        b = next(x for x in batches if x["src"].shape == shape)
+        state, m = step(state, sharding.put_batch(mesh, b))
+    jax.block_until_ready(m)
+    compile_s = time.time() - t0
+
+    t0 = time.time()
+    for b in batches:
+        state, m = step(state, sharding.put_batch(mesh, b))
+    jax.block_until_ready(m)
+    seconds = time.time() - t0
+    target = sum(int((b["tgt_out"] != 0).sum()) for b in batches)
+    padded = sum(b["tgt_out"].size for b in batches)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats = jax.devices()[0].memory_stats() or {}
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    print(f"config {args.config} {args.overrides}: {n_params / 1e6:.2f}M params, {len(jax.devices())} "
+          f"{jax.default_backend()} device(s)")
+    print(f"warm-up/compile {compile_s:.1f}s for {len({b['src'].shape for b in batches})} shapes")
+    print(f"{args.steps} steps in {seconds:.2f}s: {target / seconds:,.0f} target tokens/s, "
+          f"{padded / seconds:,.0f} padded target tokens/s, {seconds / args.steps * 1000:.0f} ms/step")
+    print(f"peak host RSS {peak:,.0f} MiB" + (f", peak device memory {stats['peak_bytes_in_use'] / 2**20:,.0f} MiB"
+                                               if "peak_bytes_in_use" in stats else ""))
+    flops = 6 * n_params * target  # rough model FLOPs
+    print(f"~{flops / seconds / 1e9:,.0f} GFLOP/s model FLOPs (6 * params * target tokens)")
+    np.asarray(m["loss"])
+
+
+if __name__ == "__main__":
+    main()
