@@ -72,8 +72,12 @@ class ModelConfig:
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
     ffn_dim: int = 2048
+    # Dropout on embeddings and on each sub-layer's output before the residual sum.
     dropout: float = 0.1
+    # Dropout on attention weights.
     attention_dropout: float = 0.0
+    # Dropout after the FFN activation (fairseq's activation_dropout; costly on CPU, off by default).
+    activation_dropout: float = 0.0
     # True: x + f(LN(x)) (stable, default); False: LN(x + f(x)) as in the 2017 paper.
     pre_norm: bool = True
     # sinusoidal or rotary

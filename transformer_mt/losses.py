@@ -16,9 +16,13 @@ def label_smoothed_xent(logits, targets, weights, smoothing: float):
     Returns (loss_sum, nll_sum): loss = (1 - eps) * nll + eps * mean_v(-log p_v), the smoothing
     spread uniformly over the vocabulary (Szegedy et al., 2016), summed with the weights.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    smooth = -jnp.mean(logp, axis=-1)  # [B, T]
+    # Written with logsumexp so the [B, T, V] log-probabilities are never materialised:
+    # -log p_target = lse - z_target and mean_v(-log p_v) = lse - mean_v(z_v).
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = lse - target_logit
+    smooth = lse - jnp.mean(logits, axis=-1)
     loss = (1.0 - smoothing) * nll + smoothing * smooth
     weights = weights.astype(jnp.float32)
     return jnp.sum(loss * weights), jnp.sum(nll * weights)

@@ -103,7 +103,7 @@ class FeedForward(nnx.Module):
         kw = dict(dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.xavier_uniform())
         self.inner = nnx.Linear(cfg.d_model, cfg.ffn_dim, **kw)
         self.outer = nnx.Linear(cfg.ffn_dim, cfg.d_model, **kw)
-        self.rate = cfg.dropout
+        self.rate = cfg.activation_dropout
 
     def __call__(self, x, rngs):
         return self.outer(dropout(jax.nn.relu(self.inner(x)), self.rate, rngs))
