@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from transformer_mt.config import ConfigError
@@ -54,6 +55,14 @@ class Checkpoints:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
         return restored["state"], restored["meta"]
+
+    def read_state(self, step: int) -> Any:
+        """The saved train state as host numpy arrays, whatever devices wrote it (inspection, tests)."""
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+        state, _ = self.restore(step, target)
+        return jax.tree.map(np.asarray, state)
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -166,10 +166,22 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"length {length} exceeds largest bucket {buckets[-1]}")
 
 
+def examples_per_batch(bucket_len: int, batch_tokens: int) -> int:
+    """Real examples in a batch of this bucket: about batch_tokens padded tokens.
+
+    It does not depend on the device count, so the global batches (and so the training run)
+    are the same on 1 or 64 devices.
+    """
+    return max(batch_tokens // bucket_len, 1)
+
+
 def rows_for_bucket(bucket_len: int, batch_tokens: int, row_multiple: int) -> int:
-    """Batch rows for a bucket: about batch_tokens padded tokens, a multiple of row_multiple."""
-    rows = max(batch_tokens // bucket_len, 1)
-    return max(row_multiple, rows // row_multiple * row_multiple)
+    """Batch rows: examples_per_batch rounded up to a multiple of the data-parallel size.
+
+    The extra rows are all padding and add nothing to losses or gradients.
+    """
+    n = examples_per_batch(bucket_len, batch_tokens)
+    return -(-n // row_multiple) * row_multiple
 
 
 def pad_batch(examples: Examples, indices: np.ndarray, rows: int, length: int) -> dict[str, np.ndarray]:
@@ -206,9 +218,10 @@ def epoch_plan(lengths: np.ndarray, buckets: Sequence[int], batch_tokens: int, r
             idx = rng.permutation(idx)
         else:
             idx = idx[np.argsort(lengths[idx], kind="stable")]
+        per_batch = examples_per_batch(b, batch_tokens)
         rows = rows_for_bucket(b, batch_tokens, row_multiple)
-        for start in range(0, len(idx), rows):
-            chunk = idx[start : start + rows]
+        for start in range(0, len(idx), per_batch):
+            chunk = idx[start : start + per_batch]
             plan.append((b, np.pad(chunk, (0, rows - len(chunk)), constant_values=-1)))
     if shuffle:
         order = rng.permutation(len(plan))

@@ -123,8 +123,10 @@ class Translator:
         start = 0
         while start < len(todo):
             length = data_lib.bucket_for(len(sources[todo[start]]), self.buckets)
-            rows = data_lib.rows_for_bucket(length, settings.batch_tokens // max(settings.beam_size, 1), multiple)
-            chunk = [i for i in todo[start : start + rows] if len(sources[i]) <= length]
+            tokens = settings.batch_tokens // settings.beam_size  # beam rows count against the budget
+            per_batch = data_lib.examples_per_batch(length, tokens)
+            rows = data_lib.rows_for_bucket(length, tokens, multiple)
+            chunk = [i for i in todo[start : start + per_batch] if len(sources[i]) <= length]
             batches.append((length, rows, chunk))
             start += len(chunk)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
