@@ -1,0 +1,177 @@
+"""Search on hand-made Markov chains whose best sequences are known (no model involved)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_mt.decode import beam_search, expand_to_beams, greedy_search, length_penalty
+
+PAD, BOS, EOS = 0, 2, 3
+V = 6  # 0 pad, 1 unk, 2 bos, 3 eos, 4 "a", 5 "b"
+WORDS = (EOS, 4, 5)
+
+
+def chain(seed, batch):
+    """A chain whose next-token distribution depends on the previous token and on a per-row
+    cache value (how many "a" the row has emitted), so a search that reorders beams without
+    reordering the cache scores hypotheses wrongly."""
+    rng = np.random.default_rng(seed)
+    table = np.full((batch, V, V), -30.0, np.float32)
+    table[:, :, list(WORDS)] = rng.normal(size=(batch, V, 3)) * 2
+    bonus = rng.normal(size=(batch, V)).astype(np.float32)
+    bonus[:, [0, 1, 2]] = 0.0
+
+    def log_probs_np(row, prev, count_a):
+        logits = table[row, prev] + bonus[row] * count_a
+        return logits - np.logaddexp.reduce(logits)
+
+    def make_fn(rows_per_sentence):
+        tab, bon = jnp.asarray(np.repeat(table, rows_per_sentence, 0)), jnp.asarray(np.repeat(bonus, rows_per_sentence, 0))
+
+        def tokens_to_logits(ids, cache):
+            logits = tab[jnp.arange(ids.shape[0]), ids] + bon * cache["count_a"][:, None]
+            return logits, {"count_a": cache["count_a"] + (ids == 4), "step": cache["step"] + 1}
+
+        return tokens_to_logits
+
+    return log_probs_np, make_fn
+
+
+def init_cache(n):
+    return {"count_a": jnp.zeros((n,), jnp.float32), "step": jnp.zeros((), jnp.int32)}
+
+
+def sequence_logp(log_probs_np, row, seq):
+    total, prev, count = 0.0, BOS, 0
+    for tok in seq:
+        total += log_probs_np(row, prev, count)[tok]
+        count += prev == 4
+        prev = tok
+    return total
+
+
+def exhaustive_best(log_probs_np, row, max_steps, alpha):
+    best, best_seq = -np.inf, None
+    for n in range(1, max_steps + 1):
+        for body in itertools.product((4, 5), repeat=n - 1):
+            seq = list(body) + [EOS]
+            score = sequence_logp(log_probs_np, row, seq) / float(length_penalty(n, alpha))
+            if score > best:
+                best, best_seq = score, seq
+    return best_seq, best
+
+
+def strip(seq):
+    seq = [int(t) for t in seq]
+    return seq[: seq.index(EOS) + 1] if EOS in seq else [t for t in seq if t != PAD]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_wide_beam_finds_exhaustive_optimum(alpha):
+    batch, max_steps, beam = 6, 5, 16  # 2**4 alive prefixes at most: the beam is exhaustive
+    log_probs_np, make_fn = chain(0, batch)
+    search = jax.jit(lambda c: beam_search(make_fn(beam), c, batch_size=batch, beam_size=beam,
+                                           max_steps=max_steps, bos_id=BOS, eos_id=EOS, alpha=alpha, nbest=3))
+    tokens, scores, logps = search(init_cache(batch))
+    for row in range(batch):
+        best_seq, best = exhaustive_best(log_probs_np, row, max_steps, alpha)
+        assert strip(tokens[row, 0]) == best_seq
+        np.testing.assert_allclose(scores[row, 0], best, rtol=1e-5)
+        np.testing.assert_allclose(logps[row, 0], sequence_logp(log_probs_np, row, best_seq), rtol=1e-5)
+        assert np.all(np.diff(np.asarray(scores[row])) <= 1e-6)  # n-best sorted
+
+
+def test_beam_beats_greedy_where_greedy_is_myopic():
+    # From BOS: "a" 0.6, "b" 0.4; after "a" everything is flat, after "b" EOS is almost sure.
+    logp = np.full((V, V), -30.0, np.float32)
+    logp[BOS, [4, 5]] = np.log([0.6, 0.4])
+    logp[4, [EOS, 4, 5]] = np.log(1 / 3)
+    logp[5, [EOS, 4, 5]] = np.log([0.98, 0.01, 0.01])
+    table = jnp.asarray(logp)
+
+    def fn(ids, cache):
+        return table[ids], cache
+
+    tokens, score = greedy_search(fn, init_cache(1), batch_size=1, max_steps=4, bos_id=BOS, eos_id=EOS)
+    assert strip(tokens[0])[0] == 4
+    btoks, bscores, blogp = beam_search(fn, init_cache(1), batch_size=1, beam_size=2, max_steps=4,
+                                        bos_id=BOS, eos_id=EOS, alpha=0.0)
+    assert strip(btoks[0, 0]) == [5, EOS]
+    np.testing.assert_allclose(blogp[0, 0], np.log(0.4 * 0.98), rtol=1e-5)
+    assert blogp[0, 0] > score[0]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_beam_one_equals_greedy(seed):
+    batch, max_steps = 8, 7
+    log_probs_np, make_fn = chain(seed, batch)
+    max_lens = jnp.asarray(np.random.default_rng(seed).integers(2, max_steps + 1, batch), jnp.int32)
+    g_tok, g_score = jax.jit(lambda c: greedy_search(make_fn(1), c, batch_size=batch, max_steps=max_steps,
+                                                     bos_id=BOS, eos_id=EOS, max_lens=max_lens))(init_cache(batch))
+    b_tok, _, b_logp = jax.jit(lambda c: beam_search(make_fn(1), c, batch_size=batch, beam_size=1,
+                                                     max_steps=max_steps, bos_id=BOS, eos_id=EOS, alpha=0.0,
+                                                     max_lens=max_lens))(init_cache(batch))
+    np.testing.assert_array_equal(b_tok[:, 0], g_tok)
+    np.testing.assert_allclose(b_logp[:, 0], g_score, rtol=1e-6)
+
+
+def test_hypotheses_end_at_eos_within_their_length_limit():
+    batch, max_steps, beam = 5, 9, 4
+    _, make_fn = chain(7, batch)
+    max_lens = jnp.array([1, 2, 3, 9, 5], jnp.int32)
+    tokens, scores, _ = beam_search(make_fn(beam), init_cache(batch), batch_size=batch, beam_size=beam,
+                                    max_steps=max_steps, bos_id=BOS, eos_id=EOS, max_lens=max_lens, nbest=beam)
+    g_tokens, _ = greedy_search(make_fn(1), init_cache(batch), batch_size=batch, max_steps=max_steps,
+                                bos_id=BOS, eos_id=EOS, max_lens=max_lens)
+    for row in range(batch):
+        for hyp in list(np.asarray(tokens[row])) + [np.asarray(g_tokens[row])]:
+            ids = [int(t) for t in hyp]
+            end = ids.index(EOS)  # every hypothesis has an EOS...
+            assert end + 1 <= int(max_lens[row])  # ...within its limit
+            assert all(t == PAD for t in ids[end + 1 :])  # ...and nothing after it
+            assert PAD not in ids[:end] and BOS not in ids[:end]
+        assert np.isfinite(scores[row, 0])
+        # n-best entries beyond what the limit allows are marked -inf (row 0 allows only [EOS]).
+        assert np.isfinite(np.asarray(scores[row])).sum() == (1 if row == 0 else beam)
+
+
+def test_simultaneous_endings_keep_all_finished():
+    # Every continuation of the first token ends with EOS next: all beams finish at step 2.
+    logp = np.full((V, V), -30.0, np.float32)
+    logp[BOS, [4, 5, 1]] = np.log([0.5, 0.3, 0.2])
+    logp[[4, 5, 1], EOS] = 0.0
+    table = jnp.asarray(logp)
+    tokens, _, logps = beam_search(lambda ids, c: (table[ids], c), init_cache(1), batch_size=1, beam_size=3,
+                                   max_steps=5, bos_id=BOS, eos_id=EOS, alpha=0.0, nbest=3)
+    assert [strip(t) for t in tokens[0]] == [[4, EOS], [5, EOS], [1, EOS]]
+    np.testing.assert_allclose(logps[0], np.log([0.5, 0.3, 0.2]), rtol=1e-5)
+
+
+def test_early_exit_stops_the_loop():
+    logp = np.full((V, V), -30.0, np.float32)
+    logp[:, EOS] = 0.0  # EOS at once, everywhere
+    table = jnp.asarray(logp)
+    calls = lambda ids, c: (table[ids], {"count_a": c["count_a"], "step": c["step"] + 1})  # noqa: E731
+    # The cache is internal, so count steps through a host-visible side channel: the loop trip
+    # count equals the number of steps the tokens show (1: the EOS).
+    tokens, _ = greedy_search(calls, init_cache(2), batch_size=2, max_steps=50, bos_id=BOS, eos_id=EOS)
+    assert strip(tokens[0]) == [EOS]
+    steps = []
+
+    def counting(ids, c):
+        jax.debug.callback(lambda: steps.append(1))
+        return calls(ids, c)
+
+    beam_search(counting, init_cache(2), batch_size=2, beam_size=2, max_steps=50, bos_id=BOS, eos_id=EOS)
+    jax.effects_barrier()
+    assert len(steps) <= 4, f"beam search ran {len(steps)} steps for an EOS-only chain"
+
+
+def test_expand_to_beams_keeps_scalars():
+    tree = {"x": jnp.arange(6).reshape(3, 2), "i": jnp.int32(4)}
+    out = expand_to_beams(tree, 2)
+    assert out["x"].shape == (6, 2) and out["i"].shape == ()
+    np.testing.assert_array_equal(out["x"][:, 0], [0, 0, 2, 2, 4, 4])

@@ -1,0 +1,164 @@
+"""Greedy and beam search over `tokens_to_logits(ids, cache) -> (logits, cache)`.
+
+Decoding knows nothing of the model, so it can be tested on a hand-made Markov chain. Cache
+leaves with ndim >= 1 have one row per hypothesis and are reordered with the beams; scalar
+leaves (a shared decode position) are left alone. Both searches run under jit with
+`lax.while_loop` and stop early.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1.0e9
+
+
+def expand_to_beams(tree, beam_size: int):
+    """Repeats each row beam_size times: row b -> rows b*beam .. b*beam+beam-1 (scalars kept)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0) if x.ndim else x, tree)
+
+
+def length_penalty(length, alpha: float):
+    """GNMT length penalty ((5 + length) / 6) ** alpha (Wu et al., 2016)."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _log_probs(tokens_to_logits, ids, cache, step, eos_id, max_lens):
+    """Next-token log-probs [N, V]; rows at their length limit may only emit EOS (at its own
+    log-prob, so a forced ending is scored like any other)."""
+    logits, cache = tokens_to_logits(ids, cache)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    force = (step + 1 >= max_lens)[:, None]  # [N, 1]
+    not_eos = jnp.arange(logp.shape[-1]) != eos_id  # [V]
+    return jnp.where(force & not_eos, NEG_INF, logp), cache
+
+
+def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,
+                  pad_id: int = 0, max_lens=None):
+    """Returns (tokens int32 [batch, max_steps], scores float32 [batch]).
+
+    tokens hold the generated ids (no BOS), the EOS where one was produced and pad after it;
+    scores are the summed log-probabilities of the generated tokens.
+    """
+    max_lens = jnp.full((batch_size,), max_steps + 1, jnp.int32) if max_lens is None else max_lens
+
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < max_steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, last, tokens, done, scores, cache = carry
+        logp, cache = _log_probs(tokens_to_logits, last, cache, step, eos_id, max_lens)  # [B, V]
+        nxt = jnp.argmax(logp, axis=-1).astype(jnp.int32)  # [B]
+        scores = scores + jnp.where(done, 0.0, jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0])
+        nxt = jnp.where(done, pad_id, nxt)
+        tokens = tokens.at[:, step].set(nxt)
+        return step + 1, nxt, tokens, done | (nxt == eos_id), scores, cache
+
+    init = (jnp.int32(0), jnp.full((batch_size,), bos_id, jnp.int32),
+            jnp.full((batch_size, max_steps), pad_id, jnp.int32), jnp.zeros((batch_size,), bool),
+            jnp.zeros((batch_size,), jnp.float32), cache)
+    _, _, tokens, _, scores, _ = jax.lax.while_loop(cond, body, init)
+    return tokens, scores
+
+
+def _gather_beams(tree, indices, batch_size: int, beam_size: int):
+    """Selects beams per sentence: leaves [batch * beam, ...] or [batch, beam, ...] by indices [batch, k]."""
+    flat = (indices + jnp.arange(batch_size)[:, None] * beam_size).reshape(-1)  # [batch * k]
+
+    def gather(x):
+        if x.ndim == 0:
+            return x
+        return x[flat]
+
+    return jax.tree.map(gather, tree)
+
+
+def _take(x, indices):
+    """x [batch, n, ...] -> [batch, k, ...] at indices [batch, k]."""
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max_steps: int, bos_id: int,
+                eos_id: int, pad_id: int = 0, alpha: float = 0.6, max_lens=None, nbest: int = 1):
+    """Returns (tokens int32 [batch, nbest, max_steps], scores [batch, nbest], log_probs [batch, nbest]).
+
+    scores = log_probs / length_penalty(length incl. EOS, alpha), best first. Each step takes the
+    top 2*beam extensions, so even when every alive beam ends at once, beam alive ones remain;
+    ending candidates ranked within the top beam join the finished set by top-k over old and
+    new, so none is lost to a lower-scoring one. A sentence stops once it has beam finished
+    hypotheses and no alive one can beat the worst of them at the most favourable length.
+    Every returned hypothesis ends with EOS (forced at the length limit).
+    """
+    k2 = 2 * beam_size
+    max_lens = jnp.full((batch_size,), max_steps, jnp.int32) if max_lens is None else jnp.minimum(max_lens, max_steps)
+    beam_max_lens = jnp.repeat(max_lens, beam_size)  # [batch * beam]
+    cache = expand_to_beams(cache, beam_size)
+
+    alive_seq = jnp.full((batch_size, beam_size, max_steps), pad_id, jnp.int32)
+    alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (beam_size - 1), jnp.float32), (batch_size, 1))
+    fin_seq = jnp.full((batch_size, beam_size, max_steps), pad_id, jnp.int32)
+    fin_score = jnp.full((batch_size, beam_size), NEG_INF, jnp.float32)
+    fin_logp = jnp.full((batch_size, beam_size), NEG_INF, jnp.float32)
+    last = jnp.full((batch_size * beam_size,), bos_id, jnp.int32)
+
+    best_penalty = length_penalty(max_steps, alpha) if alpha >= 0 else length_penalty(1, alpha)
+
+    def cond(carry):
+        step, _, _, alive_logp, _, fin_score, _, _ = carry
+        # A sentence is done when its best alive hypothesis, even at the most favourable length,
+        # cannot beat the worst of its beam_size finished ones.
+        best_alive = alive_logp[:, 0] / best_penalty
+        worst_fin = jnp.min(fin_score, axis=1)
+        done = (worst_fin > NEG_INF / 2) & (best_alive < worst_fin)
+        return (step < max_steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, last, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, cache = carry
+        logp, cache = _log_probs(tokens_to_logits, last, cache, step, eos_id, beam_max_lens)  # [batch*beam, V]
+        vocab = logp.shape[-1]
+        cand = alive_logp[:, :, None] + logp.reshape(batch_size, beam_size, vocab)  # [batch, beam, V]
+        top_logp, top_idx = jax.lax.top_k(cand.reshape(batch_size, -1), k2)  # [batch, 2*beam]
+        parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        seqs = _take(alive_seq, parent).at[:, :, step].set(token)  # [batch, 2*beam, max_steps]
+        is_eos = token == eos_id
+        live = top_logp > NEG_INF / 2
+
+        # Finished: EOS candidates among the top beam_size (as in fairseq, so beam 1 is greedy)
+        # merge with the previous finished set.
+        in_beam = jnp.arange(k2) < beam_size  # top_k sorts best first
+        ends = is_eos & live & in_beam
+        new_score = jnp.where(ends, top_logp / length_penalty(step + 1, alpha), NEG_INF)
+        all_seq = jnp.concatenate([fin_seq, seqs], axis=1)
+        all_score = jnp.concatenate([fin_score, new_score], axis=1)
+        all_logp = jnp.concatenate([fin_logp, jnp.where(ends, top_logp, NEG_INF)], axis=1)
+        fin_score, keep = jax.lax.top_k(all_score, beam_size)
+        fin_seq, fin_logp = _take(all_seq, keep), _take(all_logp, keep)
+
+        # Alive: the best beam_size candidates that did not end.
+        alive_cand = jnp.where(is_eos, NEG_INF, top_logp)
+        alive_logp, keep = jax.lax.top_k(alive_cand, beam_size)  # [batch, beam]
+        alive_seq = _take(seqs, keep)
+        chosen_parent = _take(parent, keep)
+        cache = _gather_beams(cache, chosen_parent, batch_size, beam_size)
+        last = _take(token, keep).reshape(-1)
+        return step + 1, last, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, cache
+
+    init = (jnp.int32(0), last, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, cache)
+    _, _, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, _ = jax.lax.while_loop(cond, body, init)
+    # Sentences with fewer than nbest finished hypotheses fall back to alive ones, ranked below
+    # every finished hypothesis (cannot happen when max_lens forces EOS within max_steps).
+    lengths = jnp.sum(alive_seq != pad_id, axis=-1)
+    alive_score = alive_logp / length_penalty(jnp.maximum(lengths, 1), alpha)
+    all_seq = jnp.concatenate([fin_seq, alive_seq], axis=1)  # [batch, 2*beam, max_steps]
+    all_score = jnp.concatenate([fin_score, alive_score], axis=1)
+    rank = jnp.concatenate([fin_score, alive_score - 1e8], axis=1)
+    all_logp = jnp.concatenate([fin_logp, alive_logp], axis=1)
+    best_rank, order = jax.lax.top_k(rank, nbest)
+    # Fewer than nbest possible hypotheses (e.g. a length limit of 1): the rest are [EOS], -inf.
+    real = best_rank > NEG_INF / 2  # [batch, nbest]
+    empty = jnp.full((max_steps,), pad_id, jnp.int32).at[0].set(eos_id)
+    tokens = jnp.where(real[..., None], _take(all_seq, order), empty)
+    scores = jnp.where(real, _take(all_score, order), -jnp.inf)
+    return tokens, scores, jnp.where(real, _take(all_logp, order), -jnp.inf)
