@@ -8,6 +8,7 @@ input, the output has exactly one line per input line.
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import math
 import os
@@ -201,7 +202,7 @@ def decode_lines(raw_lines: Iterable[bytes], name: str, first_line: int = 1) -> 
 
 
 def read_lines(path: str) -> list[str]:
-    """All lines of a file (or '-' for stdin), split on '\\n' only, so counts match `wc -l`."""
+    """All lines of a file (.gz too; '-' for stdin), split on '\\n' only, so counts match `wc -l`."""
     if path == "-":
         data = sys.stdin.buffer.read()
     else:
@@ -213,6 +214,11 @@ def read_lines(path: str) -> list[str]:
             raise ConfigError(f"input is a directory, not a file: {path}") from None
         except PermissionError:
             raise ConfigError(f"input file is not readable: {path}") from None
+    if path.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise ConfigError(f"{path}: not a valid gzip file ({e})") from None
     if not data:
         return []
     lines = data.split(b"\n")
