@@ -61,6 +61,7 @@ def trained_run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("run")
     cfg = tiny_config("train.max_steps=400", "train.learning_rate=5e-3", "train.warmup_steps=50",
-                      "decode.batch_tokens=256", "decode.max_len_cap=24")
+                      "decode.batch_tokens=256", "decode.max_len_cap=24", "decode.beam_size=2",
+                      "train.bleu_every=200", "train.bleu_subset=40", "train.patience=5")
     train(cfg, workdir, progress_bar=False)
     return workdir

@@ -21,6 +21,16 @@ SOURCES = [
 ]
 
 
+def test_training_validates_bleu_and_keeps_best(trained_run):
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    bleu = [r for r in records if "bleu" in r]
+    assert [r["step"] for r in bleu] == [200, 400] and all(r["split"] == "valid" for r in bleu)
+    best_step = max(bleu, key=lambda r: r["bleu"])["step"]
+    assert [p.name for p in (trained_run / "best").iterdir() if p.name.isdigit()] == [str(best_step)]
+    assert tr.resolve_step(trained_run, None, False)[1] == best_step
+    assert tr.resolve_step(trained_run, None, True)[1] == 400
+
+
 @pytest.fixture(scope="module")
 def loaded(trained_run):
     cfg, graphdef, params, tok, step, mesh = tr.load_run(trained_run)

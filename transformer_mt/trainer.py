@@ -130,6 +130,13 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
 
     # Data and tokenizer.
     train_src, train_tgt = data_lib.load_split(dcfg, "train")
+    if jax.process_count() > 1:
+        # Process 0 trains (or copies) the tokenizer into the shared run directory; the rest wait.
+        from jax.experimental import multihost_utils
+
+        if is_main:
+            tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed)
+        multihost_utils.sync_global_devices("tokenizer ready")
     tok = tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed)
     mesh = sharding.make_mesh()
     rows_multiple = sharding.data_size(mesh)
