@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -19,7 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformer_mt import config as config_lib  # noqa: E402
 
 TINY = ROOT / "configs" / "tiny.yaml"
-# Fewer pairs, one bucket and a small vocabulary: each test compiles as little as possible.
+# Fewer pairs, one bucket, a small vocabulary, and one model and optimizer for every training test:
+# trainer.compiled_steps then builds the training programs once for the whole session (and the
+# persistent cache above serves them to subprocesses with the same device count).
 FAST = [
     "data.max_train_examples=600",
     "data.max_len=16",
@@ -30,6 +36,12 @@ FAST = [
     "model.ffn_dim=64",
     "model.num_encoder_layers=1",
     "model.num_decoder_layers=1",
+    "train.learning_rate=5e-3",
+    "train.warmup_steps=50",
+    # f32 sums are reduced in a different order across devices. Adam divides by sqrt(v) + eps, so
+    # with a tiny eps a gradient that is rounding noise (~1e-10, e.g. a bias whose terms cancel)
+    # still moves its parameter by ~lr; eps = 1e-6 keeps such noise from being amplified.
+    "train.adam_eps=1e-6",
     "train.log_every=5",
     "train.eval_every=0",
     "train.checkpoint_every=0",
@@ -54,14 +66,39 @@ def cli(*args: str, env: dict | None = None, input: bytes | None = None, timeout
                           input=input, capture_output=True, timeout=timeout)
 
 
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def cli_here(*args: str, input: bytes = b"") -> CliResult:
+    """`transformer-mt ARGS` run by cli.main in this process, so it reuses the compiled programs
+    of earlier tests; same fields as cli(). (Each test keeps one real subprocess for the entry point.)"""
+    from transformer_mt.cli import main
+
+    out, err = io.BytesIO(), io.BytesIO()
+    stdout = io.TextIOWrapper(out, encoding="utf-8", newline="\n", write_through=True)
+    stderr = io.TextIOWrapper(err, encoding="utf-8", newline="\n", write_through=True)
+    stdin = io.TextIOWrapper(io.BytesIO(input), encoding="utf-8")
+    with mock.patch.object(sys, "stdin", stdin), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse errors
+            code = e.code
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """A tiny model trained on 600 Multi30k pairs for 400 steps (shared by decoding tests)."""
+    """A tiny model trained for 400 steps on the FAST data: the first 600 Multi30k pairs, of which
+    the ~15 that fit 16 tokens of a 300-piece vocabulary are kept (shared by decoding tests)."""
     from transformer_mt.trainer import train
 
     workdir = tmp_path_factory.mktemp("run")
-    cfg = tiny_config("train.max_steps=400", "train.learning_rate=5e-3", "train.warmup_steps=50",
-                      "decode.batch_tokens=256", "decode.max_len_cap=24", "decode.beam_size=2",
-                      "train.bleu_every=200", "train.bleu_subset=40", "train.patience=5")
+    cfg = tiny_config("train.max_steps=400", "decode.batch_tokens=256", "decode.max_len_cap=24",
+                      "decode.beam_size=2", "train.bleu_every=200", "train.bleu_subset=40", "train.patience=5")
     train(cfg, workdir, progress_bar=False)
     return workdir

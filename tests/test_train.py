@@ -2,6 +2,7 @@
 gradient accumulation equals one big batch, metrics and artifacts are written."""
 
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -18,78 +19,88 @@ from transformer_mt.model import Transformer
 from transformer_mt.trainer import train
 
 
-def copy_task_batch(n=8, length=10, vocab=24, seed=0):
-    """8 random sentence pairs whose target is the reversed source (ids >= 4)."""
+def copy_task_batch(n=8, length=10, vocab=24, seed=0, rows=None):
+    """n random sentence pairs whose target is the reversed source (ids >= 4), padded to `rows`."""
     rng = np.random.default_rng(seed)
     src, tgt = [], []
     for _ in range(n):
         ids = rng.integers(4, vocab, size=rng.integers(4, length - 1)).astype(np.int32)
         src.append(np.append(ids, 3).astype(np.int32))
         tgt.append(ids[::-1].copy())
-    return pad_batch(Examples(src, tgt), np.arange(n), n, length)
+    return pad_batch(Examples(src, tgt), np.arange(n), rows or n, length)
 
 
-def make_state(cfg, vocab=24):
-    model = Transformer(cfg.model, vocab, vocab, nnx.Rngs(params=0))
-    tx = ts.make_optimizer(cfg.train)
-    graphdef, state = ts.init_state(model, tx, 0)
-    return graphdef, tx, state
+@pytest.fixture(scope="module")
+def copy_task():
+    """One model, optimizer and pair of compiled steps (gradients; update) for the tests below.
 
-
-def test_tiny_model_overfits_eight_pairs():
+    Every batch they see is [8, 10], so each program is compiled once for the module.
+    """
     cfg = tiny_config("model.dropout=0.0", "train.label_smoothing=0.0", "train.learning_rate=3e-3",
                       "train.warmup_steps=20", "model.d_model=64", "model.ffn_dim=128")
-    graphdef, tx, state = make_state(cfg)
-    step = jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=0.0), donate_argnums=0)
-    batch = copy_task_batch()
+    model = Transformer(cfg.model, 24, 24, nnx.Rngs(params=0))
+    tx = ts.make_optimizer(cfg.train)
+    graphdef, state = ts.init_state(model, tx, 0)
+    grads = jax.jit(ts.bind(ts.micro_grads, graphdef=graphdef, smoothing=0.0))
+    apply = jax.jit(ts.bind(ts.apply_grads, tx=tx))
+    return SimpleNamespace(init=state, grads=grads, apply=apply, tx=tx)
+
+
+@pytest.fixture(scope="module")
+def overfitted(copy_task):
+    """250 optimizer steps on one batch of 8 pairs: (final state, last step's metrics)."""
+    state, batch = copy_task.init, copy_task_batch()
     for _ in range(250):
-        state, metrics = step(state, batch)
+        state, metrics = copy_task.apply(state, *copy_task.grads(state, batch, jnp.int32(0)))
+    return state, metrics
+
+
+def test_tiny_model_overfits_eight_pairs(overfitted):
+    _, metrics = overfitted
     assert float(metrics["loss"]) < 0.1, f"loss {float(metrics['loss']):.3f}: the model cannot fit 8 pairs"
     assert float(metrics["accuracy"]) == 1.0
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+def test_gradient_accumulation_equals_one_big_batch(copy_task):
     """Summed micro-batch gradients, divided by all their target tokens, equal the big batch's.
 
+    The halves are padded to 8 rows with empty pairs, which must add nothing.
     (Compared before Adam: its first step is ~lr * sign(g), which amplifies rounding in tiny g.)
     """
-    cfg = tiny_config("model.dropout=0.0")
-    graphdef, tx, state = make_state(cfg)
+    state = copy_task.init
     big = copy_task_batch(n=8)
-    halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
-    g_big, m_big = ts.micro_grads(state, big, 0, graphdef=graphdef, smoothing=0.1)
+    first = copy_task_batch(n=4, rows=8)  # the first 4 pairs of `big` (same seed), 4 empty rows
+    second = {k: np.roll(v, -4, axis=0) for k, v in copy_task_batch(n=8).items()}
+    second = {k: np.where(np.arange(8)[:, None] < 4, v, 0) for k, v in second.items()}  # pairs 5..8
+    g_big, m_big = copy_task.grads(state, big, jnp.int32(0))
     acc = None
-    for i, half in enumerate(halves):
-        out = ts.micro_grads(state, half, i, graphdef=graphdef, smoothing=0.1)
+    for i, half in enumerate((first, second)):
+        out = copy_task.grads(state, half, jnp.int32(i))
         acc = out if acc is None else ts.accumulate(acc, *out)
     g_acc, m_acc = acc
     assert float(m_acc["tokens"]) == float(m_big["tokens"]) > 0
     for a, b in zip(jax.tree.leaves(g_big), jax.tree.leaves(g_acc)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    _, out_big = ts.apply_grads(state, g_big, m_big, tx=tx)
-    _, out_acc = ts.apply_grads(state, g_acc, m_acc, tx=tx)
+    _, out_big = copy_task.apply(state, g_big, m_big)
+    _, out_acc = copy_task.apply(state, g_acc, m_acc)
     np.testing.assert_allclose(float(out_acc["loss"]), float(out_big["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(out_acc["grad_norm"]), float(out_big["grad_norm"]), rtol=1e-5)
 
 
-def test_nonfinite_step_is_skipped():
-    cfg = tiny_config()
-    graphdef, tx, state = make_state(cfg)
+def test_nonfinite_step_is_skipped(copy_task):
+    state = copy_task.init
     grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state["params"])
     metrics = {"loss_sum": jnp.float32(1.0), "nll_sum": jnp.float32(1.0), "tokens": jnp.float32(4.0),
                "correct": jnp.float32(0.0)}
-    new, out = ts.apply_grads(state, grads, metrics, tx=tx)
+    new, out = copy_task.apply(state, grads, metrics)
     assert not bool(out["finite"])
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"])):
         np.testing.assert_array_equal(a, b)
     assert int(new["step"]) == 1
 
 
-def test_checkpoint_round_trip_is_bit_exact(tmp_path):
-    cfg = tiny_config()
-    graphdef, tx, state = make_state(cfg)
-    step = jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=0.1))
-    state, _ = step(state, copy_task_batch())  # non-trivial optimizer moments
+def test_checkpoint_round_trip_is_bit_exact(overfitted, tmp_path):
+    state, _ = overfitted  # non-trivial optimizer moments
     ckpts = Checkpoints(tmp_path / "ckpt", keep=2)
     ckpts.save(1, state, {"data_position": {"epoch": 0, "index": 1}})
     ckpts.wait()
@@ -127,8 +138,8 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_train_writes_artifacts_and_loss_falls(tmp_path):
-    train(tiny_config("train.max_steps=60", "train.log_every=10", "train.learning_rate=5e-3",
-                      "train.eval_every=30"), tmp_path, progress_bar=False)
+    train(tiny_config("train.max_steps=60", "train.log_every=10", "train.eval_every=30"), tmp_path,
+          progress_bar=False)
     for name in ("config.yaml", "spm.model", "metrics.jsonl"):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "tb").iterdir()), "no TensorBoard events"

@@ -7,7 +7,7 @@ import pytest
 import sacrebleu
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import cli
+from conftest import cli, cli_here
 from transformer_mt import translate as tr
 
 SOURCES = [
@@ -66,21 +66,23 @@ def test_cli_translate_file_stdin_and_evaluate(trained_run, tmp_path):
     src = tmp_path / "src.en"
     src.write_text("\n".join(SOURCES) + "\n", encoding="utf-8")
     out = tmp_path / "hyp.de"
-    r = cli("translate", "--checkpoint", str(trained_run), "-i", str(src), "-o", str(out), "--beam", "4",
-            "--no-progress")
+    r = cli_here("translate", "--checkpoint", str(trained_run), "-i", str(src), "-o", str(out), "--beam", "4",
+                 "--no-progress")
     assert r.returncode == 0, r.stderr.decode()
     hyps = out.read_text(encoding="utf-8").split("\n")
     assert len(hyps) == len(SOURCES) + 1 and hyps[-1] == ""  # one line per input line
+    # The real entry point, once, in a subprocess: stdin piped in chunks of 3 lines, stdout piped out.
     r = cli("translate", "--checkpoint", str(trained_run), "--beam", "4", "--buffer-lines", "3",
             input=src.read_bytes())
     assert r.returncode == 0 and r.stdout.decode("utf-8") == out.read_text(encoding="utf-8")
-    r = cli("translate", "--checkpoint", str(trained_run), "--beam", "3", "--nbest", "2", "-i", str(src))
+    assert "Traceback" not in r.stderr.decode()
+    r = cli_here("translate", "--checkpoint", str(trained_run), "--beam", "3", "--nbest", "2", "-i", str(src))
     assert len(r.stdout.decode().splitlines()) == 2 * len(SOURCES)
     ref = tmp_path / "ref.de"
     ref.write_text("Ein Mann fährt Fahrrad .\n\nZwei Hunde spielen im Schnee .\nEin Mann fährt ein Fahrrad .\n\n"
                    "Eine Frau geht mit ihrem Kind und einem großen Hund die Straße entlang .\nKinder .\n",
                    encoding="utf-8")
-    r = cli("evaluate", "--hyp", str(out), "--ref", str(ref), "--json")
+    r = cli_here("evaluate", "--hyp", str(out), "--ref", str(ref), "--json")
     assert r.returncode == 0, r.stderr.decode()
     got = json.loads(r.stdout)
     refs = ref.read_text(encoding="utf-8").splitlines()
@@ -88,7 +90,7 @@ def test_cli_translate_file_stdin_and_evaluate(trained_run, tmp_path):
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyp_lines, [refs]).score)
     assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyp_lines, [refs]).score)
     assert got["bleu_signature"].startswith("nrefs:1")
-    r = cli("evaluate", "--checkpoint", str(trained_run), "--src", str(src), "--ref", str(ref), "--beam", "4")
+    r = cli_here("evaluate", "--checkpoint", str(trained_run), "--src", str(src), "--ref", str(ref), "--beam", "4")
     assert r.returncode == 0 and "BLEU = " in r.stdout.decode() and "chrF" in r.stdout.decode()
 
 
@@ -104,8 +106,8 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         (["translate", "--checkpoint", str(trained_run), "--step", "999999"], "no checkpoint for step 999999"),
         (["evaluate", "--hyp", str(short), "--ref", "data/multi30k/val.de.gz"], "has 1 lines but"),
     ]
-    for args, fragment in cases:
-        r = cli(*args, input=b"")
+    for k, (args, fragment) in enumerate(cases):
+        r = (cli if k == 0 else cli_here)(*args, input=b"")  # the first through the real entry point
         err = r.stderr.decode().strip()
         assert r.returncode == 2, err
         assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err, err

@@ -42,10 +42,14 @@ def _load_local(kind: str, path: Path, **kwargs):
         raise ConfigError(f"cannot read {path}: {msg}") from None
 
 
+def _column(records, name: str) -> list:
+    """A whole column as Python objects, straight from Arrow (row-by-row access is ~500x slower)."""
+    return records.with_format("arrow")[name].to_pylist()
+
+
 def _read_text_pair(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
-    src = _load_local("text", src_path)["text"]
-    tgt = _load_local("text", tgt_path)["text"]
-    src, tgt = list(src), list(tgt)
+    src = _column(_load_local("text", src_path), "text")
+    tgt = _column(_load_local("text", tgt_path), "text")
     if len(src) != len(tgt):
         raise ConfigError(f"parallel files differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
     return src, tgt
@@ -59,20 +63,20 @@ def _read_tsv(path: Path) -> tuple[list[str], list[str]]:
         "csv", path, delimiter="\t", column_names=["src", "tgt"], quoting=csv.QUOTE_NONE,
         keep_default_na=False, na_filter=False, features=features,
     )
-    return [s or "" for s in ds["src"]], [t or "" for t in ds["tgt"]]
+    return [s or "" for s in _column(ds, "src")], [t or "" for t in _column(ds, "tgt")]
 
 
 def _translation_columns(records, where: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
     """Reads {"translation": {src: .., tgt: ..}} records (wmt14, iwslt2017) or flat {src:, tgt:} ones."""
     names = records.column_names
     if "translation" in names:
-        pairs = records["translation"]
+        pairs = _column(records, "translation")
         try:
             return [p[src_lang] for p in pairs], [p[tgt_lang] for p in pairs]
         except (KeyError, TypeError):
             raise ConfigError(f"{where}: translation records lack languages '{src_lang}'/'{tgt_lang}'") from None
     if src_lang in names and tgt_lang in names:
-        return list(records[src_lang]), list(records[tgt_lang])
+        return _column(records, src_lang), _column(records, tgt_lang)
     raise ConfigError(f"{where}: expected a 'translation' column or columns '{src_lang}' and '{tgt_lang}', found {names}")
 
 

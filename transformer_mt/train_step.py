@@ -7,6 +7,7 @@ resumed run draws the same masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -33,7 +34,24 @@ def inverse_sqrt_schedule(peak_lr: float, warmup_steps: int) -> Callable:
     return schedule
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """The TrainConfig fields that shape the optimizer: equal settings give an identical program."""
+
+    learning_rate: float
+    warmup_steps: int
+    adam_b1: float
+    adam_b2: float
+    adam_eps: float
+    weight_decay: float
+    clip_norm: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "OptimizerSettings":
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def make_optimizer(cfg: TrainConfig | OptimizerSettings) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW; weight decay only on matrices (not biases, norms)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     return optax.chain(

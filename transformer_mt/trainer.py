@@ -1,17 +1,18 @@
 """The training loop: data, mesh, jit, logging, validation, checkpoints, resume.
 
-The step functions themselves are pure (train_step.py); here they are jit-compiled once with
-explicit shardings and donated state.
+The step functions themselves are pure (train_step.py); here they are jit-compiled once per
+process (see compiled_steps) with explicit shardings and donated state.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,35 @@ class Progress:
     best_step: int = -1
     bad_validations: int = 0
     history: list = field(default_factory=list)
+
+
+class CompiledSteps(NamedTuple):
+    micro: Callable  # (state, batch, micro_index) -> (summed grads, metric sums)
+    apply: Callable  # (state, grads, metric sums) -> (state, metrics); donates state
+    fused: Callable  # (state, batch) -> (state, metrics): micro + apply in one program
+    add: Callable  # accumulates micro-batch results
+    evaluate: Callable  # (params, batch) -> validation sums
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(graphdef, optimizer: ts.OptimizerSettings, smoothing: float, mesh, state_treedef,
+                   state_shardings: tuple) -> CompiledSteps:
+    """The jitted step functions, built once per (model, optimizer, mesh) for the whole process.
+
+    Arguments are hashable so that later train() calls (a resume, the next test) reuse the
+    traced and compiled programs instead of tracing and compiling them again.
+    """
+    tx = ts.make_optimizer(optimizer)
+    state_sh = jax.tree.unflatten(state_treedef, state_shardings)
+    repl = sharding.replicated(mesh)
+    return CompiledSteps(
+        micro=jax.jit(ts.bind(ts.micro_grads, graphdef=graphdef, smoothing=smoothing)),
+        apply=jax.jit(ts.bind(ts.apply_grads, tx=tx), donate_argnums=0, out_shardings=(state_sh, repl)),
+        fused=jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=smoothing),
+                      donate_argnums=0, out_shardings=(state_sh, repl)),
+        add=jax.jit(ts.accumulate, donate_argnums=0),
+        evaluate=jax.jit(ts.bind(ts.eval_step, graphdef=graphdef, smoothing=smoothing)),
+    )
 
 
 def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Transformer:
@@ -164,24 +194,18 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
         progress = Progress(**meta["progress"])
     start_step = int(state["step"])
 
-    # Compiled steps: jit once, explicit shardings, donated state.
-    state_sh = sharding.state_sharding(mesh, state)
-    repl = sharding.replicated(mesh)
-    micro = jax.jit(ts.bind(ts.micro_grads, graphdef=graphdef, smoothing=tcfg.label_smoothing))
-    apply = jax.jit(ts.bind(ts.apply_grads, tx=tx), donate_argnums=0, out_shardings=(state_sh, repl))
-    fused = jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=tcfg.label_smoothing),
-                    donate_argnums=0, out_shardings=(state_sh, repl))
-    add = jax.jit(ts.accumulate, donate_argnums=0)
-    evaluate = jax.jit(ts.bind(ts.eval_step, graphdef=graphdef, smoothing=tcfg.label_smoothing))
+    state_leaves, state_treedef = jax.tree.flatten(sharding.state_sharding(mesh, state))
+    steps = compiled_steps(graphdef, ts.OptimizerSettings.of(tcfg), tcfg.label_smoothing, mesh, state_treedef,
+                           tuple(state_leaves))
 
     def one_step(state):
         if tcfg.grad_accum == 1:
-            return fused(state, sharding.put_batch(mesh, next(stream)))
+            return steps.fused(state, sharding.put_batch(mesh, next(stream)))
         acc = None
         for i in range(tcfg.grad_accum):
-            out = micro(state, sharding.put_batch(mesh, next(stream)), jnp.int32(i))
-            acc = out if acc is None else add(acc, *out)
-        return apply(state, *acc)
+            out = steps.micro(state, sharding.put_batch(mesh, next(stream)), jnp.int32(i))
+            acc = out if acc is None else steps.add(acc, *out)
+        return steps.apply(state, *acc)
 
     def meta() -> dict:
         return {"data_position": stream.position, "progress": progress.__dict__,
@@ -227,7 +251,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
                 if last["nonfinite_steps"]:
                     tqdm.write(f"warning: skipped {last['nonfinite_steps']} step(s) with a non-finite loss or gradient before step {step}")
             if tcfg.eval_every and step % tcfg.eval_every == 0 and valid_batches:
-                record = _validate(evaluate, state["params"], valid_batches, mesh, step)
+                record = _validate(steps.evaluate, state["params"], valid_batches, mesh, step)
                 log.write(record, "valid")
                 tqdm.write(f"step {step}: valid loss {record['loss']:.4f} nll {record['nll']:.4f} acc {record['accuracy']:.3f}")
             if translator is not None and step % tcfg.bleu_every == 0:
@@ -262,7 +286,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
                 f"last good checkpoint: step {checkpoints.latest_step()}"
             )
         if valid_batches and tcfg.eval_every and step % tcfg.eval_every and stop_reason != "nonfinite":
-            record = _validate(evaluate, state["params"], valid_batches, mesh, step)  # final validation
+            record = _validate(steps.evaluate, state["params"], valid_batches, mesh, step)  # final validation
             log.write(record, "valid")
             tqdm.write(f"step {step}: valid loss {record['loss']:.4f} nll {record['nll']:.4f} acc {record['accuracy']:.3f}")
         if checkpoints.latest_step() != step:

@@ -68,6 +68,35 @@ def settings_from(cfg: Config, **overrides) -> SearchSettings:
     return s
 
 
+@functools.lru_cache(maxsize=64)
+def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int):
+    """jit(encode + search) for one model structure and search setting, shared by every Translator
+    in the process (validation BLEU during training, then `translate`)."""
+
+    def search(params, src, max_lens):
+        model = nnx.merge(graphdef, params)
+        encoded, src_mask = model.encode(src)  # [B, S, D], [B, S]
+        cross = model.cross_kv(encoded)  # per layer ([B, S, H, K], [B, S, H, K])
+        batch = src.shape[0]
+        if beam_size == 1:
+            fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=src_mask)
+            tokens, scores = decode_lib.greedy_search(
+                lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
+                batch_size=batch, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                max_lens=max_lens)
+            return tokens[:, None, :], scores[:, None]
+        cross = decode_lib.expand_to_beams(cross, beam_size)
+        beam_mask = decode_lib.expand_to_beams(src_mask, beam_size)
+        fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=beam_mask)
+        tokens, scores, _ = decode_lib.beam_search(
+            lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
+            batch_size=batch, beam_size=beam_size, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_id=PAD_ID, alpha=alpha, max_lens=max_lens, nbest=nbest)
+        return tokens, scores
+
+    return jax.jit(search)
+
+
 class Translator:
     """Decodes token ids with a model's params; one jit-compiled search per (settings, shape)."""
 
@@ -76,33 +105,6 @@ class Translator:
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.buckets = tuple(cfg.data.bucket_lengths)
         self.truncated = 0
-
-    @functools.lru_cache(maxsize=64)
-    def _search(self, beam_size: int, alpha: float, nbest: int, max_steps: int):
-        graphdef = self.graphdef
-
-        def search(params, src, max_lens):
-            model = nnx.merge(graphdef, params)
-            encoded, src_mask = model.encode(src)  # [B, S, D], [B, S]
-            cross = model.cross_kv(encoded)  # per layer ([B, S, H, K], [B, S, H, K])
-            batch = src.shape[0]
-            if beam_size == 1:
-                fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=src_mask)
-                tokens, scores = decode_lib.greedy_search(
-                    lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
-                    batch_size=batch, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-                    max_lens=max_lens)
-                return tokens[:, None, :], scores[:, None]
-            cross = decode_lib.expand_to_beams(cross, beam_size)
-            beam_mask = decode_lib.expand_to_beams(src_mask, beam_size)
-            fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=beam_mask)
-            tokens, scores, _ = decode_lib.beam_search(
-                lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
-                batch_size=batch, beam_size=beam_size, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID,
-                pad_id=PAD_ID, alpha=alpha, max_lens=max_lens, nbest=nbest)
-            return tokens, scores
-
-        return jax.jit(search)
 
     def _fit(self, ids: list[int]) -> list[int]:
         """Source ids (ending in EOS) cut to the largest bucket, counted and warned about by callers."""
@@ -139,7 +141,7 @@ class Translator:
                 src[r, : len(sources[i])] = sources[i]
                 max_lens[r] = settings.max_steps(len(sources[i]))
             max_steps = settings.max_steps(length)
-            fn = self._search(settings.beam_size, float(settings.alpha), settings.nbest, max_steps)
+            fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest, max_steps)
             batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens})
             tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"]))
             for r, i in enumerate(chunk):
