@@ -130,3 +130,12 @@ def test_process_slices_partition_each_batch(spm_tok):
     halves = [next(data_lib.TrainStream(examples, cfg, seed=0, row_multiple=2, process_index=p, process_count=2))
               for p in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["src"] for h in halves]), whole["src"])
+
+
+def test_parallel_text_splits_on_newline_only(tmp_path):
+    """A bare CR, U+2028 or form feed inside a line must not shift one side against the other."""
+    a, b = tmp_path / "a.en", tmp_path / "b.de"
+    a.write_bytes("one\rstill one\ntwo\u2028too\r\nthree\x0c\n".encode())
+    b.write_bytes(b"eins\nzwei\ndrei\n")
+    src, tgt = data_lib.read_local([str(a), str(b)], "en", "de")
+    assert src == ["one\rstill one", "two\u2028too", "three\x0c"] and tgt == ["eins", "zwei", "drei"]

@@ -3,11 +3,17 @@
 A checkpoint holds the train state (params, optimizer state, step, RNG) and a JSON record
 (data position, resolved config, validation history). Orbax writes into a temporary directory
 and renames it on commit, so a process killed mid-save leaves no checkpoint that a later
-manager would list; older checkpoints are untouched.
+manager would list (its temporary directory is removed on the next start); older checkpoints are
+untouched. A step directory damaged some other way (a disk error, an interrupted copy) fails
+to restore: `restore_newest` then moves it aside and falls back to the one before.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +24,17 @@ import orbax.checkpoint as ocp
 from transformer_mt.config import ConfigError
 
 
+class CheckpointMismatch(ConfigError):
+    """The checkpoint is readable but holds a different model (config or tokenizer changed)."""
+
+
 class Checkpoints:
     """The checkpoints of one run directory (`<run>/checkpoints`, or `<run>/best`)."""
 
     def __init__(self, directory: str | Path, keep: int = 3, create: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                               enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -50,16 +60,73 @@ class Checkpoints:
             raise ConfigError(f"no checkpoint in {self.directory}")
         if step not in self.steps():
             raise ConfigError(f"no checkpoint for step {step} in {self.directory} (have {self.steps()})")
+        self.check_matches(step, target)
         abstract = jax.tree.map(_abstract, target)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
         return restored["state"], restored["meta"]
 
+    def check_matches(self, step: int, target: Any) -> None:
+        """Raises CheckpointMismatch naming the first array whose shape or dtype differs from target's."""
+        saved = self._array_metadata(step)
+        want = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+        have = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        hint = "was config.yaml or the tokenizer (spm*.model) of this run changed?"
+        for key in sorted(set(want) | set(have)):
+            if key not in have or key not in want:
+                where = "model" if key not in have else "checkpoint"
+                raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not match the model: "
+                                         f"{key} only in the {where}; {hint}")
+            a, b = want[key], have[key]
+            if tuple(a.shape) != tuple(b.shape):
+                raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not match the model: {key} has "
+                                         f"shape {tuple(b.shape)} in the checkpoint, {tuple(a.shape)} in the model; {hint}")
+
+    def _array_metadata(self, step: int) -> Any:
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # orbax warns that the sub-item has no top-level metadata file
+        try:
+            return ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata
+        finally:
+            absl_log.setLevel(level)
+
+    def restore_newest(self, target: Any, move_aside: bool = True) -> tuple[Any, dict, int] | None:
+        """(state, meta, step) from the newest checkpoint that restores, or None if there is none.
+
+        A damaged step directory is skipped with a warning. With move_aside (training), it is
+        moved to `<directory>.damaged/` so that a later save of the same step cannot collide
+        with it; nothing is deleted.
+        """
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, target)
+                return state, meta, step
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # orbax/tensorstore report damage with many exception types
+                note = f"checkpoint {self.directory}/{step} cannot be restored ({error_line(e)})"
+                if move_aside:
+                    aside = self.directory.with_name(self.directory.name + ".damaged") / f"{step}-{int(time.time())}"
+                    if jax.process_index() == 0:
+                        aside.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(str(self.directory / str(step)), aside)
+                    self.manager.reload()
+                    note += f"; moved to {aside}"
+                print(f"warning: {note}; trying the previous one", file=sys.stderr, flush=True)
+        return None
+
+    def delete_after(self, step: int) -> None:
+        """Removes checkpoints newer than `step` (left by a run that is being resumed from `step`)."""
+        for s in self.steps():
+            if s > step:
+                self.manager.delete(s)
+
     def read_state(self, step: int) -> Any:
         """The saved train state as host numpy arrays, whatever devices wrote it (inspection, tests)."""
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata
+        meta = self._array_metadata(step)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
         state, _ = self.restore(step, target)
         return jax.tree.map(np.asarray, state)
@@ -73,6 +140,24 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message (orbax and tensorstore messages run long)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _path(keys) -> str:
+    """'params/encoder_layers/0/attn/kernel/value' whether the tree holds dicts, lists or namedtuples."""
+    names = []
+    for k in keys:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return "/".join(names)
 
 
 def _abstract(x):

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from transformer_mt.config import ConfigError, DataConfig
+from transformer_mt.textio import read_lines
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -48,8 +49,9 @@ def _column(records, name: str) -> list:
 
 
 def _read_text_pair(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
-    src = _column(_load_local("text", src_path), "text")
-    tgt = _column(_load_local("text", tgt_path), "text")
+    # Our own reader, not datasets' "text" builder: that one also ends lines at a bare '\r',
+    # which silently shifts one side of a parallel corpus against the other.
+    src, tgt = read_lines(str(src_path)), read_lines(str(tgt_path))
     if len(src) != len(tgt):
         raise ConfigError(f"parallel files differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
     return src, tgt

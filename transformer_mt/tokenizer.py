@@ -70,7 +70,9 @@ class Tokenizer:
         for src_path, name in zip(self.paths, names):
             dest = Path(run_dir) / name
             if src_path.resolve() != dest.resolve():
-                shutil.copyfile(src_path, dest)
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.copyfile(src_path, tmp)
+                tmp.replace(dest)  # a killed copy never leaves a truncated model under the final name
 
 
 def _load_processor(path: Path) -> spm.SentencePieceProcessor:
@@ -150,7 +152,9 @@ def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: 
     `train_pairs` is a callable returning (src_texts, tgt_texts), called only if training is needed.
     """
     run_dir = Path(run_dir)
-    if (run_dir / JOINT_FILE).is_file() or (run_dir / SRC_FILE).is_file():
+    # Separate vocabularies are written one after the other: a run killed in between has only the
+    # source model, and trains (or copies) both again.
+    if (run_dir / JOINT_FILE).is_file() or ((run_dir / SRC_FILE).is_file() and (run_dir / TGT_FILE).is_file()):
         tok = load_from_run(run_dir)
     elif cfg.model_paths:
         tok = load_paths(cfg.model_paths)

@@ -83,14 +83,15 @@ def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Transformer:
 class MetricsLog:
     """metrics.jsonl + TensorBoard, written by process 0 only."""
 
-    def __init__(self, workdir: Path, enabled: bool):
+    def __init__(self, workdir: Path, enabled: bool, purge_step: int | None = None):
         self.enabled = enabled
         self.file = open(workdir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
         self.tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tb"))
+            # purge_step: TensorBoard drops the killed run's points from this step on.
+            self.tb = SummaryWriter(str(workdir / "tb"), purge_step=purge_step)
 
     def write(self, record: dict, prefix: str = "train") -> None:
         if not self.enabled:
@@ -106,6 +107,22 @@ class MetricsLog:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the records up to `step` (and drops a half-written last line); rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 class StopSignal:
@@ -188,11 +205,16 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
     checkpoints = Checkpoints(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     best = Checkpoints(workdir / "best", keep=1)
     progress = Progress()
-    if resume and checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(None, state)
+    restored = checkpoints.restore_newest(state) if resume else None
+    if restored is not None:
+        state, meta, _ = restored
         stream.set_position(meta["data_position"])
         progress = Progress(**meta["progress"])
     start_step = int(state["step"])
+    if resume and is_main:
+        # Whatever a killed run wrote after this checkpoint is redone, identically, from here.
+        best.delete_after(start_step)
+        truncate_metrics(workdir / METRICS_FILE, start_step)
 
     state_leaves, state_treedef = jax.tree.flatten(sharding.state_sharding(mesh, state))
     steps = compiled_steps(graphdef, ts.OptimizerSettings.of(tcfg), tcfg.label_smoothing, mesh, state_treedef,
@@ -211,7 +233,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
         return {"data_position": stream.position, "progress": progress.__dict__,
                 "config": config_lib.to_dict(cfg), "step": int(state["step"])}
 
-    log = MetricsLog(workdir, is_main)
+    log = MetricsLog(workdir, is_main, purge_step=start_step + 1 if resume else None)
     if is_main:
         n_params = count_params(nnx.merge(graphdef, state["params"]))
         print(f"model: {n_params / 1e6:.2f}M parameters; vocab {tok.src_vocab_size}/{tok.tgt_vocab_size}; "

@@ -8,7 +8,6 @@ input, the output has exactly one line per input line.
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -29,13 +28,10 @@ from transformer_mt import decode as decode_lib
 from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt import train_step as ts
-from transformer_mt.checkpoint import Checkpoints
+from transformer_mt.checkpoint import Checkpoints, error_line
 from transformer_mt.config import Config, ConfigError
+from transformer_mt.textio import decode_lines, read_lines, warn  # noqa: F401 (part of this module's API)
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
-
-
-def warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -190,68 +186,42 @@ def one_line(text: str) -> str:
     return text
 
 
-def decode_lines(raw_lines: Iterable[bytes], name: str, first_line: int = 1) -> Iterator[str]:
-    """bytes lines -> str, invalid UTF-8 replaced with U+FFFD and a warning naming the line."""
-    for n, raw in enumerate(raw_lines, start=first_line):
-        raw = raw.rstrip(b"\n")
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            warn(f"{name} line {n}: invalid UTF-8 replaced with U+FFFD")
-            yield raw.decode("utf-8", errors="replace")
-
-
-def read_lines(path: str) -> list[str]:
-    """All lines of a file (.gz too; '-' for stdin), split on '\\n' only, so counts match `wc -l`."""
-    if path == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"input file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"input is a directory, not a file: {path}") from None
-        except PermissionError:
-            raise ConfigError(f"input file is not readable: {path}") from None
-    if path.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise ConfigError(f"{path}: not a valid gzip file ({e})") from None
-    if not data:
-        return []
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return list(decode_lines(lines, "stdin" if path == "-" else path))
-
-
 # ----------------------------------------------------------------------------- loading a run
 
 
-def resolve_step(run_dir: Path, step: int | None, last: bool) -> tuple[Path, int]:
-    """(checkpoint directory, step): --step if given, else the best-BLEU checkpoint, else the last."""
+def candidate_steps(run_dir: Path, step: int | None, last: bool) -> list[tuple[Path, int]]:
+    """(checkpoint directory, step) in order of preference: --step if given, else the best-BLEU
+    checkpoint, then the others newest first (later ones are fallbacks for a damaged one)."""
     ckpt_dirs = [run_dir / "best", run_dir / "checkpoints"]
     if step is None and last:
         ckpt_dirs = ckpt_dirs[1:]
+    found = []
     for directory in ckpt_dirs:
         if not directory.is_dir():
             continue
         steps = Checkpoints(directory, create=False).steps()
-        if step is None and steps:
-            return directory, steps[-1]
         if step is not None and step in steps:
-            return directory, step
+            return [(directory, step)]
+        if step is None:
+            found += [(directory, s) for s in reversed(steps)]
     if step is not None:
         raise ConfigError(f"no checkpoint for step {step} in {run_dir}")
-    raise ConfigError(f"no checkpoint in {run_dir} (expected {run_dir}/checkpoints/<step>)")
+    if not found:
+        raise ConfigError(f"no checkpoint in {run_dir} (expected {run_dir}/checkpoints/<step>)")
+    return found
+
+
+def resolve_step(run_dir: Path, step: int | None, last: bool) -> tuple[Path, int]:
+    """(checkpoint directory, step) that `translate` tries first."""
+    return candidate_steps(run_dir, step, last)[0]
 
 
 def load_run(run_dir: str | Path, step: int | None = None, last: bool = False):
-    """(cfg, graphdef, params, tokenizer, step) from a run directory written by `train`."""
+    """(cfg, graphdef, params, tokenizer, step, mesh) from a run directory written by `train`.
+
+    A damaged checkpoint is skipped with a warning in favour of the next candidate; one that
+    holds a different model than config.yaml and the tokenizer describe is an error.
+    """
     from transformer_mt.trainer import CONFIG_FILE, build_model
 
     run_dir = Path(run_dir)
@@ -261,7 +231,7 @@ def load_run(run_dir: str | Path, step: int | None = None, last: bool = False):
         raise ConfigError(f"{run_dir} is not a run directory: no {CONFIG_FILE}")
     cfg = config_lib.load(run_dir / CONFIG_FILE)
     tok = tok_lib.load_from_run(run_dir)
-    directory, step = resolve_step(run_dir, step, last)
+    candidates = candidate_steps(run_dir, step, last)
     tx = ts.make_optimizer(cfg.train)
 
     def init():
@@ -272,14 +242,18 @@ def load_run(run_dir: str | Path, step: int | None = None, last: bool = False):
     mesh = sharding.make_mesh()
     repl = sharding.replicated(mesh)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
-    try:
-        state, _ = Checkpoints(directory, create=False).restore(step, target)
-    except ConfigError:
-        raise
-    except Exception as e:  # orbax reports shape/structure mismatches with many exception types
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"checkpoint {directory}/{step} does not match the run's model/tokenizer: {msg}") from None
-    return cfg, graphdef, state["params"], tok, step, mesh
+    failures = []
+    for directory, candidate in candidates:
+        try:
+            state, _ = Checkpoints(directory, create=False).restore(candidate, target)
+            return cfg, graphdef, state["params"], tok, candidate, mesh
+        except ConfigError:  # includes CheckpointMismatch: a model/tokenizer mismatch is the user's to fix
+            raise
+        except Exception as e:  # orbax/tensorstore report damage with many exception types
+            failures.append(f"{directory}/{candidate} ({error_line(e)})")
+            if len(candidates) > len(failures):
+                warn(f"checkpoint {failures[-1]} cannot be restored; trying the next one")
+    raise ConfigError(f"no checkpoint of {run_dir} can be restored: " + "; ".join(failures))
 
 
 # ----------------------------------------------------------------------------- commands
