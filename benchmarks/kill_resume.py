@@ -5,7 +5,9 @@ parameters bit for bit and the same logged losses.
     python benchmarks/kill_resume.py --config configs/tiny.yaml --kills 5 --seed 0
 
 Moments: "startup" (a random time before training), "training" (a random logged step, plus a
-random delay) and "saving" (while orbax is writing a checkpoint). tests/test_faults.py runs
+random delay), "saving" (while orbax is writing a checkpoint), and "preempt": SIGTERM instead of
+SIGKILL at a random step; the run must then save a checkpoint of the step it reached and exit
+with 143. tests/test_faults.py runs
 the same loop on a smaller configuration.
 """
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MOMENTS = ("startup", "training", "saving")
+MOMENTS = ("startup", "training", "saving", "preempt")
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 def train_command(config: str, workdir: Path, overrides: list[str], resume: bool) -> list[str]:
@@ -91,6 +95,21 @@ def run_once(cmd: list[str], workdir: Path, moment: str | None, rng: random.Rand
             where = f"training, after step {logged_step(workdir, launched)}"
         elif moment == "saving" and saving_dirs(workdir) - stale:
             where = f"saving {sorted(saving_dirs(workdir) - stale)[0]}"
+        elif moment == "preempt" and logged_step(workdir, launched) >= target:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise RuntimeError("the run did not exit after SIGTERM") from None
+            reached, saved = logged_step(workdir, launched), max(checkpoint_steps(workdir), default=0)
+            if code == 0 and reached >= max_steps:
+                return None  # finished before the signal arrived
+            if code != EXIT_SIGTERM or saved != reached:
+                stderr = proc.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"after SIGTERM at step {reached}: exit code {code}, newest checkpoint "
+                                   f"{saved}:\n{stderr[-3000:]}")
+            return f"SIGTERM after step {reached}: checkpoint {saved} saved, exit code {code}"
         else:
             time.sleep(0.002)
             continue

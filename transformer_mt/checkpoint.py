@@ -11,9 +11,11 @@ to restore: `restore_newest` then moves it aside and falls back to the one befor
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,10 @@ from transformer_mt.config import ConfigError
 
 class CheckpointMismatch(ConfigError):
     """The checkpoint is readable but holds a different model (config or tokenizer changed)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only directory); older ones are intact."""
 
 
 class Checkpoints:
@@ -44,14 +50,43 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict, force: bool = True) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
+        """Starts writing `step` in the background (an earlier save's failure is raised here)."""
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
+        except Exception as e:
+            raise self._write_error(e) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(e) from None
+
+    def complete_steps(self) -> list[int]:
+        """Steps committed on disk (orbax renames a step's temporary directory only once it is whole)."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        except OSError:
+            return []
+
+    def _write_error(self, e: Exception) -> CheckpointWriteError:
+        message = str(e)
+        os_error = re.search(r"([A-Z][A-Za-z ]+) \[os_error_code='?(\d+)'?\]", message)
+        if isinstance(e, OSError) and e.strerror:
+            reason = f"{e.strerror} (errno {e.errno})"
+        elif os_error:
+            reason = f"{os_error.group(1)} (errno {os_error.group(2)})"
+        else:
+            reason = error_line(e)
+        failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", message)
+        what = f"checkpoint {failed.group(1)}" if failed else "a checkpoint"
+        newest = self.complete_steps()
+        kept = f"newest complete checkpoint: step {newest[-1]}" if newest else "no complete checkpoint yet"
+        return CheckpointWriteError(f"cannot write {what} in {self.directory}: {reason}; {kept}")
 
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict]:
         """Restores onto `target` (arrays or ShapeDtypeStructs carrying shardings)."""
@@ -138,8 +173,45 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:
+            raise self._write_error(e) from None
+
+
+class _FromOrbax(logging.Filter):
+    """Drops error records from orbax's background threads: Checkpoints reports the failure once
+    (CheckpointWriteError, or a skipped damaged checkpoint), not once per array."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        return "orbax" not in record.pathname and "orbax" not in record.getMessage()
+
+
+def quiet_orbax_background_errors() -> None:
+    """For the command line: when a checkpoint cannot be written or read, orbax's threads log each
+    failed array (and asyncio each failed task); the user gets one CheckpointWriteError line, or
+    the warning that a damaged checkpoint was skipped, instead."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _FromOrbax) for f in logger.filters):
+            logger.addFilter(_FromOrbax())
+    # After one array fails, orbax closes its event loop while tensorstore still completes the
+    # other reads or writes; each completion then reports "Event loop is closed" from a native
+    # thread, and the abandoned coroutines warn at exit. (This package runs no coroutines.)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiet_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def error_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 EXIT_USER_ERROR = 2
@@ -100,7 +101,15 @@ def run_train(args) -> int:
     cfg = config_lib.load(args.config, args.overrides) if args.config else None
     if cfg is None and not args.resume:
         raise config_lib.ConfigError("--config is required unless --resume continues an existing run")
-    train(cfg, args.workdir, resume=args.resume, overrides=args.overrides, progress_bar=not args.no_progress)
+    result = train(cfg, args.workdir, resume=args.resume, overrides=args.overrides,
+                   progress_bar=not args.no_progress)
+    reason = result.get("stop_reason") or ""
+    if reason.startswith("signal "):
+        # Preempted: the checkpoint is saved; a non-zero code tells a job script to resubmit.
+        sig = signal.Signals[reason.split()[1]]
+        print(f"transformer-mt train: {sig.name} received: checkpoint saved at step {result['step']}; "
+              "the same command with --resume continues", file=sys.stderr)
+        return 128 + sig.value
     return 0
 
 
@@ -119,12 +128,18 @@ def run_evaluate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from transformer_mt.checkpoint import CheckpointWriteError, quiet_orbax_background_errors
     from transformer_mt.config import ConfigError
     from transformer_mt.trainer import TrainingStopped
+
+    quiet_orbax_background_errors()
 
     try:
         return {"train": run_train, "translate": run_translate, "evaluate": run_evaluate}[args.command](args)
     except ConfigError as e:
+        print(f"transformer-mt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except CheckpointWriteError as e:
         print(f"transformer-mt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingStopped as e:

@@ -103,7 +103,7 @@ class Translator:
         self.truncated = 0
 
     def _fit(self, ids: list[int]) -> list[int]:
-        """Source ids (ending in EOS) cut to the largest bucket, counted and warned about by callers."""
+        """Source ids (ending in EOS) cut to the largest bucket (counted in self.truncated)."""
         limit = self.buckets[-1]
         if len(ids) <= limit:
             return ids
@@ -265,11 +265,27 @@ def _settings_from_args(cfg: Config, args) -> SearchSettings:
                          nbest=getattr(args, "nbest", 1))
 
 
+MAX_LINE_WARNINGS = 10
+
+
 def translate_lines(translator: Translator, params, lines: Sequence[str], settings: SearchSettings,
-                    progress: bool) -> list[list[tuple[str, float]]]:
-    """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)]."""
+                    progress: bool, name: str = "input", first_line: int = 1) -> list[list[tuple[str, float]]]:
+    """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)].
+
+    A line longer than the largest bucket is translated from its first tokens, with a warning
+    naming it (the first MAX_LINE_WARNINGS; `translator.truncated` counts them all).
+    """
     cleaned = [clean_line(s) for s in lines]
     ids = translator.tok.encode_src(cleaned)
+    limit = translator.buckets[-1]
+    seen = translator.truncated
+    for n, seq in enumerate(ids, start=first_line):
+        if len(seq) > limit:
+            seen += 1
+            if seen <= MAX_LINE_WARNINGS:
+                more = " (further long lines are only counted)" if seen == MAX_LINE_WARNINGS else ""
+                warn(f"{name} line {n}: {len(seq)} tokens, longer than the model's {limit}; "
+                     f"translated from its first {limit - 1}{more}")
     results = translator.translate_ids(params, ids, settings, progress)
     out = []
     for hyps in results:
@@ -300,30 +316,41 @@ def _iter_stdin_chunks(size: int) -> Iterator[list[bytes]]:
 
 def translate_command(args) -> int:
     cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, args.last)
-    settings = _settings_from_args(cfg, args)
     translator = Translator(cfg, graphdef, tok, mesh)
-    progress = not args.no_progress
+    n_lines = translate_stream(translator, params, _settings_from_args(cfg, args), args.input, args.output,
+                               args.buffer_lines, progress=not args.no_progress)
+    print(f"translated {n_lines} line(s) with checkpoint step {step}", file=sys.stderr)
+    return 0
+
+
+def translate_stream(translator: Translator, params, settings: SearchSettings, input: str, output: str,
+                     buffer_lines: int = 0, progress: bool = False) -> int:
+    """Translates file or stdin ('-') `input` into `output`; returns the number of input lines.
+
+    stdin to stdout goes chunk by chunk (an interactive pipe gets each line back at once); a
+    file is written whole, atomically, after every line is translated.
+    """
+    translator.truncated = 0
     n_lines = 0
-    if args.input == "-" and args.output == "-":
-        size = args.buffer_lines or (1 if sys.stdin.isatty() else 2000)
-        first = 1
+    if input == "-" and output == "-":
+        size = buffer_lines or (1 if sys.stdin.isatty() else 2000)
         for chunk in _iter_stdin_chunks(size):
-            lines = list(decode_lines(chunk, "stdin", first))
-            first += len(chunk)
-            for k, hyps in enumerate(translate_lines(translator, params, lines, settings, progress=False)):
+            lines = list(decode_lines(chunk, "stdin", n_lines + 1))
+            results = translate_lines(translator, params, lines, settings, progress=False, name="stdin",
+                                      first_line=n_lines + 1)
+            for k, hyps in enumerate(results):
                 sys.stdout.write("\n".join(_format(n_lines + k, hyps, settings.nbest)) + "\n")
             sys.stdout.flush()
             n_lines += len(lines)
     else:
-        lines = read_lines(args.input)
-        results = translate_lines(translator, params, lines, settings, progress)
-        text = "".join("\n".join(_format(i, h, settings.nbest)) + "\n" for i, h in enumerate(results))
+        lines = read_lines(input)
+        results = translate_lines(translator, params, lines, settings, progress, name="stdin" if input == "-" else input)
+        write_text(output, "".join("\n".join(_format(i, h, settings.nbest)) + "\n" for i, h in enumerate(results)))
         n_lines = len(lines)
-        write_text(args.output, text)
     if translator.truncated:
-        warn(f"{translator.truncated} line(s) longer than {translator.buckets[-1]} tokens were truncated")
-    print(f"translated {n_lines} line(s) with checkpoint step {step}", file=sys.stderr)
-    return 0
+        warn(f"{translator.truncated} of {n_lines} line(s) were longer than {translator.buckets[-1]} tokens "
+             "and translated from their beginning (raise data.bucket_lengths in training for longer inputs)")
+    return n_lines
 
 
 def write_text(path: str, text: str) -> None:
@@ -358,7 +385,8 @@ def evaluate_command(args) -> int:
         if len(sources) != len(refs):
             raise ConfigError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(refs)}")
         settings = _settings_from_args(cfg, args)
-        hyps = [h[0][0] for h in translate_lines(translator, params, sources, settings, not args.no_progress)]
+        hyps = [h[0][0] for h in translate_lines(translator, params, sources, settings, not args.no_progress,
+                                                 name=args.src)]
         if args.output:
             write_text(args.output, "".join(h + "\n" for h in hyps))
         hyp_name = f"{args.checkpoint} (step {step})"
