@@ -1,13 +1,17 @@
 """Translation and evaluation end to end on a small trained run (see conftest.trained_run)."""
 
 import json
+import sys
 
 import pytest
 import sacrebleu
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import cli, cli_here
+from conftest import ROOT, cli, cli_here
 from transformer_mt import translate as tr
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import hostile_translate  # noqa: E402
 
 SOURCES = [
     "A man is riding a bike .",
@@ -112,16 +116,53 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40).map(lambda b: b.decode("latin-1"))),
-                max_size=6))
-def test_hostile_unicode_keeps_one_line_per_input(loaded, lines):
+LINE = st.one_of(
+    st.binary(max_size=60),  # mostly invalid UTF-8
+    st.text(max_size=60).map(lambda t: t.encode("utf-8", errors="surrogatepass")),  # any code point, lone surrogates too
+    st.sampled_from(hostile_translate.HOSTILE),
+    st.integers(20, 200).map(lambda n: b"a very long line " * n),  # longer than the model's 16 tokens
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(LINE, max_size=8), st.sampled_from([b"\n", b"\r\n"]), st.booleans())
+def test_hostile_bytes_keep_one_line_per_input(loaded, tmp_path_factory, lines, newline, final_newline):
     cfg, translator, params = loaded
-    raw = b"\n".join(line.encode("utf-8", errors="surrogatepass") for line in lines)
-    raw += b"\xff\xfe\r\n\t\x00\xe2\x80\xa8\n"  # invalid UTF-8, CRLF, NUL, U+2028
-    decoded = list(tr.decode_lines(raw.split(b"\n")[:-1] if raw.endswith(b"\n") else raw.split(b"\n"), "t"))
-    out = tr.translate_lines(translator, params, decoded, tr.settings_from(cfg, beam_size=1), progress=False)
-    assert len(out) == len(decoded)
-    text = "".join(h[0][0] + "\n" for h in out)
-    assert text.count("\n") == len(decoded) and len(text.split("\n")) == len(decoded) + 1
-    assert all(len(h[0][0].splitlines()) <= 1 for h in out)
+    raw = newline.join(lines) + (newline if final_newline and lines else b"")
+    expected = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)  # what `wc -l` + 1 partial counts
+    src = tmp_path_factory.mktemp("hostile") / "src.txt"
+    src.write_bytes(raw)
+    out = src.with_name("out.txt")
+    n = tr.translate_stream(translator, params, tr.settings_from(cfg, beam_size=1), str(src), str(out))
+    produced = out.read_bytes()
+    assert n == expected and produced.count(b"\n") == expected and (produced.endswith(b"\n") or not produced)
+    produced.decode("utf-8")  # valid UTF-8 out, whatever came in
+
+
+def test_hostile_file_through_a_pipe_and_a_file(trained_run, tmp_path, capsys):
+    lines = hostile_translate.hostile_lines(120, seed=1)
+    raw = b"".join(line + (b"\r\n" if i % 5 == 0 else b"\n") for i, line in enumerate(lines))
+    src = tmp_path / "hostile.txt"
+    src.write_bytes(raw)
+    r = cli_here("translate", "--checkpoint", str(trained_run), "--buffer-lines", "7", input=raw)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.count(b"\n") == len(lines)
+    err = r.stderr.decode()
+    bad_utf8 = [i + 1 for i, line in enumerate(lines) if not _is_utf8(line)]
+    named = [int(w.split(" line ")[1].split(":")[0]) for w in err.splitlines() if "invalid UTF-8" in w]
+    assert named == bad_utf8  # one warning per bad line, naming it, across stdin chunks
+    long_warnings = [w for w in err.splitlines() if "tokens, longer than" in w]
+    assert 0 < len(long_warnings) <= tr.MAX_LINE_WARNINGS
+    assert "were longer than 16 tokens" in err and "Traceback" not in err
+    out = tmp_path / "out.txt"
+    r = cli_here("translate", "--checkpoint", str(trained_run), "-i", str(src), "-o", str(out))
+    assert r.returncode == 0 and out.read_bytes() == cli_here(
+        "translate", "--checkpoint", str(trained_run), input=raw).stdout  # file and pipe agree
+
+
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
