@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -170,6 +171,9 @@ def main() -> int:
 
     max_steps = config_lib.load(args.config, args.overrides).train.max_steps
     root = Path(args.workdir or tempfile.mkdtemp(prefix="kill_resume_"))
+    # Every restart would otherwise compile the training step again; the runs share a cache.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     for name in ("uninterrupted", "killed"):
         shutil.rmtree(root / name, ignore_errors=True)
     t0 = time.time()

@@ -181,12 +181,15 @@ class Checkpoints:
 
 
 class _FromOrbax(logging.Filter):
-    """Drops error records from orbax's background threads: Checkpoints reports the failure once
-    (CheckpointWriteError, or a skipped damaged checkpoint), not once per array."""
+    """Drops error records from orbax's background threads and the asyncio futures it abandons:
+    Checkpoints reports the failure once (CheckpointWriteError, or a skipped damaged checkpoint),
+    not once per array. (Only orbax runs asyncio in this package.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
+        if record.name == "asyncio":
+            return "never retrieved" not in record.getMessage()
         return "orbax" not in record.pathname and "orbax" not in record.getMessage()
 
 
@@ -198,25 +201,40 @@ def quiet_orbax_background_errors() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _FromOrbax) for f in logger.filters):
             logger.addFilter(_FromOrbax())
-    # After one array fails, orbax closes its event loop while tensorstore still completes the
-    # other reads or writes; each completion then reports "Event loop is closed" from a native
-    # thread, and the abandoned coroutines warn at exit. (This package runs no coroutines.)
+    # After one array fails, orbax abandons the others: its coroutines report their own failures
+    # as "exception ignored" when collected, tensorstore's completions find the event loop
+    # closed, and the never-awaited coroutines warn at exit. (This package runs no coroutines.)
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     previous = sys.unraisablehook
-    if getattr(previous, "quiet_closed_loop", False):
+    if getattr(previous, "quiet_orbax", False):
         return
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        if not _orbax_leftover(unraisable):
             previous(unraisable)
 
-    hook.quiet_closed_loop = True
+    hook.quiet_orbax = True
     sys.unraisablehook = hook
+
+
+def _orbax_leftover(unraisable) -> bool:
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def error_line(e: BaseException) -> str:
     """The first line of an exception's message (orbax and tensorstore messages run long)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.split(" See full TensorStore details")[0][:300]
 
 
 def _path(keys) -> str:
