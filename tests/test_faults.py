@@ -8,6 +8,7 @@ non-zero exit code and every earlier checkpoint intact.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,6 @@ import pytest
 
 from conftest import FAST, ROOT, TINY, cli, cli_here, tiny_config
 from transformer_mt import tokenizer as tok_lib
-from transformer_mt import translate as tr
 from transformer_mt.checkpoint import Checkpoints
 from transformer_mt.trainer import train
 
@@ -179,3 +179,24 @@ def test_unreadable_input_and_unwritable_output(trained_run, tmp_path):
     assert r.returncode == 2
     one_error_line(r.stderr, f"cannot write output {readonly / 'out.de'}")
     assert not any(p.name.startswith(".out.de") for p in readonly.iterdir())
+
+
+def test_checkpoints_hold_arrays_and_json_only(uninterrupted):
+    magic = {b"{": "JSON", b"Checkpoint": "commit marker", b"\x0c\xdb": "OCDBT", b"\x28\xb5\x2f\xfd": "zstd"}
+    files = [p for p in (uninterrupted / "checkpoints").rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        head = path.read_bytes()[:16]
+        kind = next((k for m, k in magic.items() if head.startswith(m)), None)
+        assert kind is not None, f"{path}: unexpected file starting {head!r}"
+        if kind == "JSON":
+            json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_config_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    marker = tmp_path / "executed"
+    evil.write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    r = cli_here("train", "--config", str(evil), "--workdir", str(tmp_path / "run"))
+    assert r.returncode == 2 and not marker.exists()
+    one_error_line(r.stderr, "could not determine a constructor for the tag")

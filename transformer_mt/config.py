@@ -251,7 +251,8 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path}{where}: invalid YAML") from None
+        problem = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise ConfigError(f"config file {path}{where}: invalid YAML{problem}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

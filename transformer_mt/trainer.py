@@ -294,7 +294,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
                 checkpoints.save(step, state, meta())
             if tcfg.time_limit_minutes and time.time() - t_start > 60 * tcfg.time_limit_minutes:
                 stop_reason = stop_reason or "time limit"
-            if stop.received:
+            if stop.received and step < tcfg.max_steps:  # at the last step the run is simply done
                 stop_reason = f"signal {stop.received}"
             if stop_reason:
                 break
