@@ -103,14 +103,13 @@ def run_once(cmd: list[str], workdir: Path, moment: str | None, rng: random.Rand
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise RuntimeError("the run did not exit after SIGTERM") from None
-            reached, saved = logged_step(workdir, launched), max(checkpoint_steps(workdir), default=0)
-            if code == 0 and reached >= max_steps:
+            stderr = proc.stderr.read().decode(errors="replace")
+            saved = max(checkpoint_steps(workdir), default=0)
+            if code == 0 and saved >= max_steps:
                 return None  # finished before the signal arrived
-            if code != EXIT_SIGTERM or saved != reached:
-                stderr = proc.stderr.read().decode(errors="replace")
-                raise RuntimeError(f"after SIGTERM at step {reached}: exit code {code}, newest checkpoint "
-                                   f"{saved}:\n{stderr[-3000:]}")
-            return f"SIGTERM after step {reached}: checkpoint {saved} saved, exit code {code}"
+            if code != EXIT_SIGTERM or f"checkpoint saved at step {saved};" not in stderr:
+                raise RuntimeError(f"after SIGTERM: exit code {code}, newest checkpoint {saved}:\n{stderr[-3000:]}")
+            return f"SIGTERM after logged step {logged_step(workdir, launched)}: checkpoint {saved} saved, exit code {code}"
         else:
             time.sleep(0.002)
             continue

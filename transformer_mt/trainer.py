@@ -230,8 +230,11 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
         return steps.apply(state, *acc)
 
     def meta() -> dict:
+        # Steps since the last log record travel with the checkpoint, so that a run resumed between
+        # two records logs the same averages as a run never stopped.
+        unlogged = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
         return {"data_position": stream.position, "progress": progress.__dict__,
-                "config": config_lib.to_dict(cfg), "step": int(state["step"])}
+                "config": config_lib.to_dict(cfg), "step": int(state["step"]), "unlogged_metrics": unlogged}
 
     log = MetricsLog(workdir, is_main, purge_step=start_step + 1 if resume else None)
     if is_main:
@@ -249,7 +252,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
         bleu_ref = valid_tgt[: tcfg.bleu_subset] if tcfg.bleu_subset else valid_tgt
 
     last: dict[str, Any] = {}
-    pending: list = []
+    pending: list = list(restored[1].get("unlogged_metrics", [])) if restored is not None else []
     t_start = time.time()
     t_log, step = time.time(), start_step
     bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (progress_bar and is_main),
