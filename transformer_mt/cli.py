@@ -21,6 +21,9 @@ def _add_train(sub) -> None:
         help="train a model (or resume a run)",
         description="Train an encoder-decoder Transformer. Writes the resolved config, the SentencePiece "
         "model, checkpoints, metrics.jsonl and TensorBoard events into --workdir.",
+        epilog="SIGTERM or SIGINT saves a checkpoint and exits with 143 or 130; --resume continues exactly. "
+        "Exit codes: 0 done, 1 stopped on a non-finite loss (train.on_nonfinite=stop), 2 error "
+        "(one line on stderr: bad config, missing file, checkpoint that cannot be written).",
     )
     add_train_arguments(p)
 
