@@ -83,6 +83,7 @@ def main() -> int:
     base = [sys.executable, "-m", "transformer_mt.cli", "translate", "--checkpoint", args.checkpoint,
             "--beam", str(args.beam), "--no-progress"]
     ok = True
+    outputs = {}
     for mode in ("file", "pipe"):
         t0 = time.time()
         if mode == "file":
@@ -93,6 +94,7 @@ def main() -> int:
             r = subprocess.run(base + ["--buffer-lines", "500"], cwd=ROOT, input=src.read_bytes(), capture_output=True)
             produced = r.stdout
         seconds = time.time() - t0
+        outputs[mode] = produced
         got = produced.count(b"\n")
         warnings = collections.Counter()
         for line in r.stderr.decode(errors="replace").splitlines():
@@ -107,9 +109,13 @@ def main() -> int:
             valid = False
         print(f"{mode}: lines fed {fed}, lines out {got}, lines lost {fed - got}, exit code {r.returncode}, "
               f"output valid UTF-8 {valid}, {seconds:.1f} s; warnings: {dict(warnings)}")
-        print(f"  last stderr line: {(r.stderr.decode(errors='replace').strip().splitlines() or [''])[-1]}")
+        for line in r.stderr.decode(errors="replace").splitlines():
+            if "translated from their beginning" in line or line.startswith("translated "):
+                print(f"  {line}")
         ok &= r.returncode == 0 and got == fed and valid
-    return 0 if ok else 1
+    same = outputs["file"] == outputs["pipe"]
+    print(f"file and pipe outputs identical: {same}")
+    return 0 if ok and same else 1
 
 
 if __name__ == "__main__":
