@@ -63,10 +63,9 @@ def saving_dirs(workdir: Path) -> set[str]:
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:
-    try:
-        return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    except OSError:
-        return []
+    from transformer_mt.checkpoint import complete_steps
+
+    return complete_steps(workdir / "checkpoints")
 
 
 def run_once(cmd: list[str], workdir: Path, moment: str | None, rng: random.Random, max_steps: int,

@@ -30,6 +30,10 @@ class CheckpointMismatch(ConfigError):
     """The checkpoint is readable but holds a different model (config or tokenizer changed)."""
 
 
+class CheckpointDamaged(Exception):
+    """A listed checkpoint that cannot be read back (a truncated file, a disk error)."""
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, read-only directory); older ones are intact."""
 
@@ -66,13 +70,6 @@ class Checkpoints:
         except Exception as e:
             raise self._write_error(e) from None
 
-    def complete_steps(self) -> list[int]:
-        """Steps committed on disk (orbax renames a step's temporary directory only once it is whole)."""
-        try:
-            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
-        except OSError:
-            return []
-
     def _write_error(self, e: Exception) -> CheckpointWriteError:
         message = str(e)
         os_error = re.search(r"([A-Z][A-Za-z ]+) \[os_error_code='?(\d+)'?\]", message)
@@ -84,22 +81,30 @@ class Checkpoints:
             reason = error_line(e)
         failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", message)
         what = f"checkpoint {failed.group(1)}" if failed else "a checkpoint"
-        newest = self.complete_steps()
+        newest = complete_steps(self.directory)
         kept = f"newest complete checkpoint: step {newest[-1]}" if newest else "no complete checkpoint yet"
         return CheckpointWriteError(f"cannot write {what} in {self.directory}: {reason}; {kept}")
 
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict]:
-        """Restores onto `target` (arrays or ShapeDtypeStructs carrying shardings)."""
+        """Restores onto `target` (arrays or ShapeDtypeStructs carrying shardings).
+
+        Raises CheckpointMismatch for another model's checkpoint, CheckpointDamaged for one that
+        cannot be read."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise ConfigError(f"no checkpoint in {self.directory}")
         if step not in self.steps():
             raise ConfigError(f"no checkpoint for step {step} in {self.directory} (have {self.steps()})")
-        self.check_matches(step, target)
-        abstract = jax.tree.map(_abstract, target)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
+        try:
+            self.check_matches(step, target)
+            abstract = jax.tree.map(_abstract, target)
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+            )
+        except ConfigError:  # includes CheckpointMismatch: readable, but another model
+            raise
+        except Exception as e:  # orbax/tensorstore report damage with many exception types
+            raise CheckpointDamaged(f"checkpoint {self.directory}/{step} cannot be restored ({error_line(e)})") from e
         return restored["state"], restored["meta"]
 
     def check_matches(self, step: int, target: Any) -> None:
@@ -138,10 +143,8 @@ class Checkpoints:
             try:
                 state, meta = self.restore(step, target)
                 return state, meta, step
-            except CheckpointMismatch:
-                raise
-            except Exception as e:  # orbax/tensorstore report damage with many exception types
-                note = f"checkpoint {self.directory}/{step} cannot be restored ({error_line(e)})"
+            except CheckpointDamaged as e:
+                note = str(e)
                 if move_aside:
                     aside = self.directory.with_name(self.directory.name + ".damaged") / f"{step}-{int(time.time())}"
                     if jax.process_index() == 0:
@@ -229,6 +232,15 @@ def _orbax_leftover(unraisable) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """Steps committed on disk, read from the directory alone (no manager, which would clean up
+    a save in progress): orbax renames a step's temporary directory only once it is whole."""
+    try:
+        return sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+    except OSError:
+        return []
 
 
 def error_line(e: BaseException) -> str:

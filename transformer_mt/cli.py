@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": run_train, "translate": run_translate, "evaluate": run_evaluate}[args.command](args)
-    except ConfigError as e:
-        print(f"transformer-mt {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except CheckpointWriteError as e:
+    except (ConfigError, CheckpointWriteError) as e:
         print(f"transformer-mt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingStopped as e:

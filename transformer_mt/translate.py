@@ -28,7 +28,7 @@ from transformer_mt import decode as decode_lib
 from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt import train_step as ts
-from transformer_mt.checkpoint import Checkpoints, error_line
+from transformer_mt.checkpoint import CheckpointDamaged, Checkpoints
 from transformer_mt.config import Config, ConfigError
 from transformer_mt.textio import decode_lines, read_lines, warn  # noqa: F401 (part of this module's API)
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -103,11 +103,10 @@ class Translator:
         self.truncated = 0
 
     def _fit(self, ids: list[int]) -> list[int]:
-        """Source ids (ending in EOS) cut to the largest bucket (counted in self.truncated)."""
+        """Source ids (ending in EOS) cut to the largest bucket (translate_lines warns and counts)."""
         limit = self.buckets[-1]
         if len(ids) <= limit:
             return ids
-        self.truncated += 1
         return ids[: limit - 1] + [EOS_ID]
 
     def translate_ids(self, params, sources: Sequence[list[int]], settings: SearchSettings,
@@ -247,12 +246,10 @@ def load_run(run_dir: str | Path, step: int | None = None, last: bool = False):
         try:
             state, _ = Checkpoints(directory, create=False).restore(candidate, target)
             return cfg, graphdef, state["params"], tok, candidate, mesh
-        except ConfigError:  # includes CheckpointMismatch: a model/tokenizer mismatch is the user's to fix
-            raise
-        except Exception as e:  # orbax/tensorstore report damage with many exception types
-            failures.append(f"{directory}/{candidate} ({error_line(e)})")
+        except CheckpointDamaged as e:  # a mismatch (CheckpointMismatch) is the user's to fix: raised
+            failures.append(str(e))
             if len(candidates) > len(failures):
-                warn(f"checkpoint {failures[-1]} cannot be restored; trying the next one")
+                warn(f"{e}; trying the next one")
     raise ConfigError(f"no checkpoint of {run_dir} can be restored: " + "; ".join(failures))
 
 
@@ -278,12 +275,11 @@ def translate_lines(translator: Translator, params, lines: Sequence[str], settin
     cleaned = [clean_line(s) for s in lines]
     ids = translator.tok.encode_src(cleaned)
     limit = translator.buckets[-1]
-    seen = translator.truncated
     for n, seq in enumerate(ids, start=first_line):
         if len(seq) > limit:
-            seen += 1
-            if seen <= MAX_LINE_WARNINGS:
-                more = " (further long lines are only counted)" if seen == MAX_LINE_WARNINGS else ""
+            translator.truncated += 1
+            if translator.truncated <= MAX_LINE_WARNINGS:
+                more = " (further long lines are only counted)" if translator.truncated == MAX_LINE_WARNINGS else ""
                 warn(f"{name} line {n}: {len(seq)} tokens, longer than the model's {limit}; "
                      f"translated from its first {limit - 1}{more}")
     results = translator.translate_ids(params, ids, settings, progress)
