@@ -11,8 +11,11 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -202,3 +205,22 @@ def test_config_yaml_is_loaded_safely(tmp_path):
     r = cli_here("train", "--config", str(evil), "--workdir", str(tmp_path / "run"))
     assert r.returncode == 2 and not marker.exists()
     one_error_line(r.stderr, "could not determine a constructor for the tag")
+
+
+def test_preemption_saves_before_anything_else(tmp_path):
+    # SIGTERM in this process once step 3 is logged: the run saves the step it reached at once,
+    # without the final validation that an ordinary end runs (a grace period is short).
+    run = tmp_path / "run"
+
+    def preempt_after_step_3():
+        while kr.logged_step(run, 0) < 3:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt_after_step_3, daemon=True).start()
+    result = train(tiny_config("train.max_steps=1000", "train.log_every=1", "train.eval_every=7"), run,
+                   progress_bar=False)
+    assert result["stop_reason"] == "signal SIGTERM" and 3 <= result["step"] < 7
+    assert Checkpoints(run / "checkpoints").steps() == [result["step"]]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r.get("split") == "valid" for r in records)

@@ -310,7 +310,9 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
                 f"non-finite loss or gradient at or before step {step}; stopped (train.on_nonfinite=stop), "
                 f"last good checkpoint: step {checkpoints.latest_step()}"
             )
-        if valid_batches and tcfg.eval_every and step % tcfg.eval_every and stop_reason != "nonfinite":
+        # A preempted run saves at once (the grace period is short); validation waits for the real end.
+        preempted = (stop_reason or "").startswith("signal ")
+        if valid_batches and tcfg.eval_every and step % tcfg.eval_every and not preempted:
             record = _validate(steps.evaluate, state["params"], valid_batches, mesh, step)  # final validation
             log.write(record, "valid")
             tqdm.write(f"step {step}: valid loss {record['loss']:.4f} nll {record['nll']:.4f} acc {record['accuracy']:.3f}")
