@@ -85,6 +85,13 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="persistent cache of compiled programs, so the next run of the same model starts in "
+                   "seconds (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/transformer_mt/jax)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile every program afresh, cache nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-mt",
@@ -94,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_translate(sub)
     _add_evaluate(sub)
+    for p in sub.choices.values():
+        add_cache_arguments(p)
     return parser
 
 
@@ -135,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformer_mt.config import ConfigError
     from transformer_mt.trainer import TrainingStopped
 
+    from transformer_mt import compile_cache
+
     quiet_orbax_background_errors()
+    compile_cache.enable(args.compile_cache, disabled=args.no_compile_cache)
 
     try:
         return {"train": run_train, "translate": run_translate, "evaluate": run_evaluate}[args.command](args)
