@@ -20,7 +20,7 @@ from transformer_mt import data as data_lib
 from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt import train_step as ts
-from transformer_mt.trainer import build_model
+from transformer_mt.rundir import build_model
 
 
 def main() -> None:

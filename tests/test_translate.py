@@ -8,6 +8,7 @@ import sacrebleu
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ROOT, cli, cli_here
+from transformer_mt import rundir
 from transformer_mt import translate as tr
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -30,8 +31,8 @@ def test_training_validates_bleu_and_keeps_best(trained_run):
     assert [r["step"] for r in bleu] == [200, 400] and all(r["split"] == "valid" for r in bleu)
     best_step = max(bleu, key=lambda r: r["bleu"])["step"]
     assert [p.name for p in (trained_run / "best").iterdir() if p.name.isdigit()] == [str(best_step)]
-    assert tr.resolve_step(trained_run, None, False)[1] == best_step
-    assert tr.resolve_step(trained_run, None, True)[1] == 400
+    assert rundir.resolve_step(trained_run, None, False)[1] == best_step
+    assert rundir.resolve_step(trained_run, None, True)[1] == 400
 
 
 @pytest.fixture(scope="module")

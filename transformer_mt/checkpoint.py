@@ -108,20 +108,11 @@ class Checkpoints:
         return restored["state"], restored["meta"]
 
     def check_matches(self, step: int, target: Any) -> None:
-        """Raises CheckpointMismatch naming the first array whose shape or dtype differs from target's."""
-        saved = self._array_metadata(step)
-        want = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
-        have = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-        hint = "was config.yaml or the tokenizer (spm*.model) of this run changed?"
-        for key in sorted(set(want) | set(have)):
-            if key not in have or key not in want:
-                where = "model" if key not in have else "checkpoint"
-                raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not match the model: "
-                                         f"{key} only in the {where}; {hint}")
-            a, b = want[key], have[key]
-            if tuple(a.shape) != tuple(b.shape):
-                raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not match the model: {key} has "
-                                         f"shape {tuple(b.shape)} in the checkpoint, {tuple(a.shape)} in the model; {hint}")
+        """Raises CheckpointMismatch naming the first array whose shape differs from target's."""
+        difference = first_difference(target, self._array_metadata(step))
+        if difference:
+            raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not match the model: {difference}; "
+                                     "was config.yaml or the tokenizer (spm*.model) of this run changed?")
 
     def _array_metadata(self, step: int) -> Any:
         absl_log = logging.getLogger("absl")
@@ -241,6 +232,19 @@ def complete_steps(directory: Path) -> list[int]:
         return sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
     except OSError:
         return []
+
+
+def first_difference(model: Any, checkpoint: Any) -> str | None:
+    """The first array (by path) that is missing on one side or differs in shape, in words; None if none."""
+    want = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(model)[0]}
+    have = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(checkpoint)[0]}
+    for key in sorted(set(want) | set(have)):
+        if key not in have or key not in want:
+            return f"{key} only in the {'model' if key not in have else 'checkpoint'}"
+        if tuple(want[key].shape) != tuple(have[key].shape):
+            return (f"{key} has shape {tuple(have[key].shape)} in the checkpoint, "
+                    f"{tuple(want[key].shape)} in the model")
+    return None
 
 
 def error_line(e: BaseException) -> str:

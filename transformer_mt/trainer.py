@@ -27,10 +27,8 @@ from transformer_mt import tokenizer as tok_lib
 from transformer_mt import train_step as ts
 from transformer_mt.checkpoint import Checkpoints
 from transformer_mt.config import Config, ConfigError
-from transformer_mt.model import Transformer, count_params
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
+from transformer_mt.model import count_params
+from transformer_mt.rundir import CONFIG_FILE, METRICS_FILE, build_model
 
 
 class TrainingStopped(RuntimeError):
@@ -76,10 +74,6 @@ def compiled_steps(graphdef, optimizer: ts.OptimizerSettings, smoothing: float, 
     )
 
 
-def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Transformer:
-    return Transformer(cfg.model, src_vocab, tgt_vocab, nnx.Rngs(params=cfg.train.seed))
-
-
 class MetricsLog:
     """metrics.jsonl + TensorBoard, written by process 0 only."""
 
@@ -96,7 +90,8 @@ class MetricsLog:
     def write(self, record: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        # Wall-clock time (Unix seconds) in the file only: TensorBoard keeps its own.
+        self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         self.file.flush()
         for key, value in record.items():
             if key not in ("step", "split") and isinstance(value, (int, float)):

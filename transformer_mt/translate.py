@@ -22,14 +22,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from transformer_mt import config as config_lib
 from transformer_mt import data as data_lib
 from transformer_mt import decode as decode_lib
 from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
-from transformer_mt import train_step as ts
-from transformer_mt.checkpoint import CheckpointDamaged, Checkpoints
 from transformer_mt.config import Config, ConfigError
+from transformer_mt.rundir import load_run
 from transformer_mt.textio import decode_lines, read_lines, warn  # noqa: F401 (part of this module's API)
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -183,74 +181,6 @@ def one_line(text: str) -> str:
     if any(c in _LINE_BREAKS for c in text):
         text = "".join(" " if c in _LINE_BREAKS else c for c in text)
     return text
-
-
-# ----------------------------------------------------------------------------- loading a run
-
-
-def candidate_steps(run_dir: Path, step: int | None, last: bool) -> list[tuple[Path, int]]:
-    """(checkpoint directory, step) in order of preference: --step if given, else the best-BLEU
-    checkpoint, then the others newest first (later ones are fallbacks for a damaged one)."""
-    ckpt_dirs = [run_dir / "best", run_dir / "checkpoints"]
-    if step is None and last:
-        ckpt_dirs = ckpt_dirs[1:]
-    found = []
-    for directory in ckpt_dirs:
-        if not directory.is_dir():
-            continue
-        steps = Checkpoints(directory, create=False).steps()
-        if step is not None and step in steps:
-            return [(directory, step)]
-        if step is None:
-            found += [(directory, s) for s in reversed(steps)]
-    if step is not None:
-        raise ConfigError(f"no checkpoint for step {step} in {run_dir}")
-    if not found:
-        raise ConfigError(f"no checkpoint in {run_dir} (expected {run_dir}/checkpoints/<step>)")
-    return found
-
-
-def resolve_step(run_dir: Path, step: int | None, last: bool) -> tuple[Path, int]:
-    """(checkpoint directory, step) that `translate` tries first."""
-    return candidate_steps(run_dir, step, last)[0]
-
-
-def load_run(run_dir: str | Path, step: int | None = None, last: bool = False):
-    """(cfg, graphdef, params, tokenizer, step, mesh) from a run directory written by `train`.
-
-    A damaged checkpoint is skipped with a warning in favour of the next candidate; one that
-    holds a different model than config.yaml and the tokenizer describe is an error.
-    """
-    from transformer_mt.trainer import CONFIG_FILE, build_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory not found: {run_dir}")
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: no {CONFIG_FILE}")
-    cfg = config_lib.load(run_dir / CONFIG_FILE)
-    tok = tok_lib.load_from_run(run_dir)
-    candidates = candidate_steps(run_dir, step, last)
-    tx = ts.make_optimizer(cfg.train)
-
-    def init():
-        model = build_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
-        return ts.init_state(model, tx, cfg.train.seed)
-
-    graphdef, abstract = nnx.eval_shape(lambda: init())
-    mesh = sharding.make_mesh()
-    repl = sharding.replicated(mesh)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
-    failures = []
-    for directory, candidate in candidates:
-        try:
-            state, _ = Checkpoints(directory, create=False).restore(candidate, target)
-            return cfg, graphdef, state["params"], tok, candidate, mesh
-        except CheckpointDamaged as e:  # a mismatch (CheckpointMismatch) is the user's to fix: raised
-            failures.append(str(e))
-            if len(candidates) > len(failures):
-                warn(f"{e}; trying the next one")
-    raise ConfigError(f"no checkpoint of {run_dir} can be restored: " + "; ".join(failures))
 
 
 # ----------------------------------------------------------------------------- commands
