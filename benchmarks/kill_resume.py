@@ -4,11 +4,14 @@ parameters bit for bit and the same logged losses.
 
     python benchmarks/kill_resume.py --config configs/tiny.yaml --kills 5 --seed 0
 
-Moments: "startup" (a random time before training), "training" (a random logged step, plus a
-random delay), "saving" (while orbax is writing a checkpoint), and "preempt": SIGTERM instead of
-SIGKILL at a random step; the run must then save a checkpoint of the step it reached and exit
-with 143. tests/test_faults.py runs
-the same loop on a smaller configuration.
+Moments: "startup" (a random time after launch, before the first step), "training" (a random
+logged step still to come, plus a random delay), "saving" (while orbax is writing a checkpoint
+still to come: the run is frozen with SIGSTOP, the temporary directory checked, then killed), and
+"preempt": SIGTERM instead of SIGKILL at a random step; the run must then save a checkpoint of the
+step it reached and exit with 143. Every planned moment comes, however fast training is: a run
+to be killed is held before its last step (before its first, for "startup") by the trainer's test
+hook (trainer.HOLD_ENV) until the signal arrives. tests/test_faults.py runs the same loop on a
+smaller configuration.
 """
 
 from __future__ import annotations
@@ -23,17 +26,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MOMENTS = ("startup", "training", "saving", "preempt")
 EXIT_SIGTERM = 128 + signal.SIGTERM
+HOLD_ENV = "TRANSFORMER_MT_TEST_HOLD_AT_STEP"  # transformer_mt.trainer.HOLD_ENV (not imported: no jax here)
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def train_command(config: str, workdir: Path, overrides: list[str], resume: bool) -> list[str]:
     sets = [a for o in overrides for a in ("--set", o)]
     return [sys.executable, "-m", "transformer_mt.cli", "train", "--config", config, *sets,
             "--workdir", str(workdir), "--no-progress"] + (["--resume"] if resume else [])
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a run logs and saves: kill moments are chosen among the steps still to come."""
+
+    max_steps: int
+    log_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def of(cls, config: str, overrides: list[str]) -> "Schedule":
+        sys.path.insert(0, str(ROOT))
+        from transformer_mt import config as config_lib
+
+        t = config_lib.load(config, overrides).train
+        return cls(t.max_steps, t.log_every, t.checkpoint_every)
+
+    def logged(self, after: int, until: int) -> list[int]:
+        return [s for s in range(after + 1, until + 1) if self.log_every and s % self.log_every == 0]
+
+    def saved(self, after: int, until: int) -> list[int]:
+        return [s for s in range(after + 1, until + 1) if self.checkpoint_every and s % self.checkpoint_every == 0]
 
 
 def logged_step(workdir: Path, since: float) -> int:
@@ -68,70 +97,108 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     return complete_steps(workdir / "checkpoints")
 
 
-def run_once(cmd: list[str], workdir: Path, moment: str | None, rng: random.Random, max_steps: int,
-             timeout: float = 600.0) -> str | None:
-    """Runs `cmd`; SIGKILLs it at `moment` (None: never). Returns where it was killed, or None if
-    it finished (a failure exits with the run's stderr)."""
-    start_ckpt = max(checkpoint_steps(workdir), default=0)
-    launched = time.time()
-    stale = saving_dirs(workdir)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    delay = rng.uniform(0.3, 3.0)
-    target = rng.randint(start_ckpt + 1, max(start_ckpt + 1, max_steps - 1))
-    jitter = rng.uniform(0.0, 0.2)
+def choose_target(moment: str, schedule: Schedule, start: int, later: list[str], rng: random.Random) -> int:
+    """The step a kill waits for: a random logged (or, for "saving", saved) step after `start`
+    and before the run's hold, early enough that the kills still planned after it find steps too."""
+    last = schedule.max_steps - 1
+    steps = schedule.saved(start, last) if moment == "saving" else schedule.logged(start, last)
+    if not steps:
+        raise RuntimeError(f"no {'checkpoint' if moment == 'saving' else 'logged'} step between {start} and "
+                           f"{last} for a '{moment}' kill: give the run more steps or plan fewer kills")
+    # A "saving" kill still to come needs a save after wherever this kill leaves the run.
+    bound = max(schedule.saved(start, last), default=last + 1) - 1 if "saving" in later else last
+    early = [s for s in steps if s <= start + max(bound - start, 0) // (len(later) + 1)]
+    return rng.choice(early or steps[:1])
+
+
+def run_once(cmd: list[str], workdir: Path, moment: str | None, rng: random.Random, schedule: Schedule,
+             later: list[str] = (), timeout: float = 600.0) -> str | None:
+    """Runs `cmd` and, unless `moment` is None, kills it at that moment; returns "moment: where"
+    (None: it ran to the end; a failure raises RuntimeError with the run's stderr).
+
+    A run to be killed is held before its last step (its first, for "startup"), so the moment
+    always comes before the run could finish. `later`: the moments planned after this one."""
+    start = max(checkpoint_steps(workdir), default=0)
+    env = dict(os.environ)
+    if moment is not None:
+        env[HOLD_ENV] = str(start if moment == "startup" else schedule.max_steps - 1)
+    target = None if moment in (None, "startup") else choose_target(moment, schedule, start, list(later), rng)
+    delay, jitter = rng.uniform(0.3, 3.0), rng.uniform(0.0, 0.2)
+    stale = saving_dirs(workdir)  # a killed save's leftovers: removed by the run's checkpoint manager
+    armed = not stale
     reached = None
-    while proc.poll() is None:
-        now = time.time()
-        if now - launched > timeout:
-            proc.kill()
-            raise RuntimeError(f"{' '.join(cmd)} did not finish in {timeout:.0f} s")
-        if moment == "startup" and now - launched >= delay:
-            where = f"startup, {now - launched:.1f} s after launch"
-        elif moment == "training" and logged_step(workdir, launched) >= target:
-            reached = reached or now
-            if now - reached < jitter:
-                time.sleep(0.002)
-                continue
-            where = f"training, after step {logged_step(workdir, launched)}"
-        elif moment == "saving" and saving_dirs(workdir) - stale:
-            where = f"saving {sorted(saving_dirs(workdir) - stale)[0]}"
-        elif moment == "preempt" and logged_step(workdir, launched) >= target:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+    launched = time.time()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+        def stderr() -> str:
+            err.seek(0)
+            return err.read().decode(errors="replace")[-3000:]
+
+        try:
+            while proc.poll() is None:
+                now = time.time()
+                if now - launched > timeout:
+                    raise RuntimeError(f"{' '.join(cmd)} still running after {timeout:.0f} s "
+                                       f"(waiting for '{moment}' at step {target}):\n{stderr()}")
+                step = logged_step(workdir, launched)
+                if moment == "startup" and now - launched >= delay:
+                    where = f"startup: {now - launched:.1f} s after launch"
+                elif moment == "training" and step >= target:
+                    reached = reached or now
+                    if now - reached < jitter:
+                        time.sleep(0.002)
+                        continue
+                    where = f"training: after logged step {logged_step(workdir, launched)}"
+                elif moment == "saving":
+                    dirs = saving_dirs(workdir)
+                    armed = armed or not dirs & stale or step > start
+                    if not (armed and f"{target}{TMP_SUFFIX}" in dirs):
+                        time.sleep(0.002)
+                        continue
+                    proc.send_signal(signal.SIGSTOP)  # frozen: the save cannot commit while we look
+                    if f"{target}{TMP_SUFFIX}" not in saving_dirs(workdir):
+                        proc.send_signal(signal.SIGCONT)  # it committed just before: take the next save
+                        target = choose_target(moment, schedule, target, list(later), rng)
+                        continue
+                    where = f"saving: checkpoint {target} killed mid-write"
+                elif moment == "preempt" and step >= target:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        code = proc.wait(timeout=timeout)
+                    except subprocess.TimeoutExpired:
+                        raise RuntimeError(f"the run did not exit within {timeout:.0f} s of SIGTERM") from None
+                    saved = max(checkpoint_steps(workdir), default=0)
+                    if code != EXIT_SIGTERM or f"checkpoint saved at step {saved};" not in stderr():
+                        raise RuntimeError(f"after SIGTERM: exit code {code}, newest checkpoint {saved}:\n{stderr()}")
+                    return f"preempt: SIGTERM after logged step {step}, checkpoint {saved} saved, exit code {code}"
+                else:
+                    time.sleep(0.002)
+                    continue
                 proc.kill()
-                raise RuntimeError("the run did not exit after SIGTERM") from None
-            stderr = proc.stderr.read().decode(errors="replace")
-            saved = max(checkpoint_steps(workdir), default=0)
-            if code == 0 and saved >= max_steps:
-                return None  # finished before the signal arrived
-            if code != EXIT_SIGTERM or f"checkpoint saved at step {saved};" not in stderr:
-                raise RuntimeError(f"after SIGTERM: exit code {code}, newest checkpoint {saved}:\n{stderr[-3000:]}")
-            return f"SIGTERM after logged step {logged_step(workdir, launched)}: checkpoint {saved} saved, exit code {code}"
-        else:
-            time.sleep(0.002)
-            continue
-        proc.kill()
-        proc.wait()
-        return where
-    stderr = proc.stderr.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"training exited with {proc.returncode}:\n{stderr[-3000:]}")
-    return None
+                proc.wait()
+                return where
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"training exited with {proc.returncode}:\n{stderr()}")
+        if moment is not None:
+            raise RuntimeError(f"the run finished before its '{moment}' moment although it was held:\n{stderr()}")
+        return None
 
 
-def kill_resume_loop(config: str, workdir: Path, overrides: list[str], moments: list[str], seed: int,
-                     max_steps: int) -> list[str]:
-    """Launches, kills at each of `moments` in turn, then resumes to the end; returns the kills."""
+def kill_resume_loop(config: str, workdir: Path, overrides: list[str], moments: list[str], seed: int) -> list[str]:
+    """Launches, kills at each of `moments` in turn, then resumes to the end; returns the kills,
+    one per moment, each "moment: where"."""
+    schedule = Schedule.of(config, overrides)
     rng = random.Random(seed)
     kills = []
     for k, moment in enumerate(moments):
-        where = run_once(train_command(config, workdir, overrides, k > 0), workdir, moment, rng, max_steps)
-        if where is None:  # it finished before the moment came: nothing left to kill
-            return kills
-        kills.append(where)
-    run_once(train_command(config, workdir, overrides, True), workdir, None, rng, max_steps)
+        cmd = train_command(config, workdir, overrides, k > 0)
+        kills.append(run_once(cmd, workdir, moment, rng, schedule, later=moments[k + 1:]))
+    run_once(train_command(config, workdir, overrides, True), workdir, None, rng, schedule)
     return kills
 
 
@@ -164,10 +231,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where the two runs go (default: a temporary directory)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from transformer_mt import config as config_lib
-
-    max_steps = config_lib.load(args.config, args.overrides).train.max_steps
+    schedule = Schedule.of(args.config, args.overrides)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="kill_resume_"))
     # Every restart would otherwise compile the training step again; the runs share a cache.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
@@ -176,15 +240,15 @@ def main() -> int:
         shutil.rmtree(root / name, ignore_errors=True)
     t0 = time.time()
     assert run_once(train_command(args.config, root / "uninterrupted", args.overrides, False), root / "uninterrupted",
-                    None, random.Random(0), max_steps) is None
+                    None, random.Random(0), schedule) is None
     t1 = time.time()
     rng = random.Random(args.seed)
     moments = [rng.choice(MOMENTS) for _ in range(args.kills)]
-    kills = kill_resume_loop(args.config, root / "killed", args.overrides, moments, args.seed, max_steps)
+    kills = kill_resume_loop(args.config, root / "killed", args.overrides, moments, args.seed)
     t2 = time.time()
     for k, where in enumerate(kills, 1):
         print(f"kill {k}: {where}")
-    params_equal, losses_equal = same_run(root / "uninterrupted", root / "killed", max_steps)
+    params_equal, losses_equal = same_run(root / "uninterrupted", root / "killed", schedule.max_steps)
     print(f"uninterrupted run {t1 - t0:.0f} s; killed {len(kills)} times and resumed in {t2 - t1:.0f} s")
     print(f"final parameters and optimizer state bit-equal: {params_equal}; logged losses equal: {losses_equal}")
     return 0 if params_equal and losses_equal else 1

@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from transformer_mt import config as config_lib
 from transformer_mt import data as data_lib
+from transformer_mt import rundir
 from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt import train_step as ts
-from transformer_mt.checkpoint import Checkpoints
+from transformer_mt.checkpoint import Checkpoints, complete_steps
 from transformer_mt.config import Config, ConfigError
 from transformer_mt.model import count_params
 from transformer_mt.rundir import CONFIG_FILE, METRICS_FILE, build_model
@@ -162,8 +163,12 @@ def prepare_workdir(workdir: Path, cfg: Config | None, resume: bool, overrides: 
 
 
 def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrides: list[str] | None = None,
-          progress_bar: bool = True) -> dict:
-    """Trains (or resumes) a run in `workdir`; returns the last logged metrics."""
+          progress_bar: bool = True, init_from: str | None = None) -> dict:
+    """Trains (or resumes) a run in `workdir`; returns the last logged metrics.
+
+    init_from (RUN or RUN/STEP): a run without checkpoints starts from that checkpoint's
+    parameters and tokenizer, with a fresh optimizer and step (fine-tuning).
+    """
     sharding.maybe_initialize_distributed()
     workdir = Path(workdir)
     cfg = prepare_workdir(workdir, cfg, resume, overrides or [])
@@ -172,6 +177,8 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
 
     # Data and tokenizer.
     train_src, train_tgt = data_lib.load_split(dcfg, "train")
+    if init_from and is_main and not (resume and complete_steps(rundir.checkpoints_dir(workdir))):
+        rundir.copy_tokenizer(rundir.parse_checkpoint_path(init_from)[0], workdir)
     if jax.process_count() > 1:
         # Process 0 trains (or copies) the tokenizer into the shared run directory; the rest wait.
         from jax.experimental import multihost_utils
@@ -205,6 +212,11 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
         state, meta, _ = restored
         stream.set_position(meta["data_position"])
         progress = Progress(**meta["progress"])
+    elif init_from:
+        params, source = rundir.init_params(init_from, state["params"], mesh)
+        state = {**state, "params": params}
+        if is_main:
+            print(f"parameters from {source}; optimizer and step fresh", flush=True)
     start_step = int(state["step"])
     if resume and is_main:
         # Whatever a killed run wrote after this checkpoint is redone, identically, from here.
