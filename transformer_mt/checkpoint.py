@@ -109,12 +109,13 @@ class Checkpoints:
 
     def check_matches(self, step: int, target: Any) -> None:
         """Raises CheckpointMismatch naming the first array whose shape differs from target's."""
-        difference = first_difference(target, self._array_metadata(step))
+        difference = first_difference(target, self.array_metadata(step))
         if difference:
             raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not match the model: {difference}; "
                                      "was config.yaml or the tokenizer (spm*.model) of this run changed?")
 
-    def _array_metadata(self, step: int) -> Any:
+    def array_metadata(self, step: int) -> Any:
+        """Shapes and dtypes of the saved train state, read without restoring any array."""
         absl_log = logging.getLogger("absl")
         level = absl_log.level
         absl_log.setLevel(logging.ERROR)  # orbax warns that the sub-item has no top-level metadata file
@@ -155,7 +156,7 @@ class Checkpoints:
     def read_state(self, step: int) -> Any:
         """The saved train state as host numpy arrays, whatever devices wrote it (inspection, tests)."""
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        meta = self._array_metadata(step)
+        meta = self.array_metadata(step)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
         state, _ = self.restore(step, target)
         return jax.tree.map(np.asarray, state)
@@ -234,16 +235,17 @@ def complete_steps(directory: Path) -> list[int]:
         return []
 
 
-def first_difference(model: Any, checkpoint: Any) -> str | None:
-    """The first array (by path) that is missing on one side or differs in shape, in words; None if none."""
+def first_difference(model: Any, checkpoint: Any,
+                     names: tuple[str, str] = ("the model", "the checkpoint")) -> str | None:
+    """The first array (by path) missing on one side or differing in shape, in words; None if none.
+    `names` say what the two trees are."""
     want = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(model)[0]}
     have = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(checkpoint)[0]}
     for key in sorted(set(want) | set(have)):
         if key not in have or key not in want:
-            return f"{key} only in the {'model' if key not in have else 'checkpoint'}"
+            return f"{key} only in {names[0] if key not in have else names[1]}"
         if tuple(want[key].shape) != tuple(have[key].shape):
-            return (f"{key} has shape {tuple(have[key].shape)} in the checkpoint, "
-                    f"{tuple(want[key].shape)} in the model")
+            return f"{key} has shape {tuple(have[key].shape)} in {names[1]}, {tuple(want[key].shape)} in {names[0]}"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Command line: `transformer-mt train | translate | evaluate`. Argument parsing only.
+"""Command line: `transformer-mt train | translate | evaluate | score | average | plot`. Argument parsing only.
 
 User errors (bad config, missing files, bad checkpoints) end with one line on stderr and a
 non-zero exit code, never a traceback.
@@ -35,6 +35,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set model.num_encoder_layers=4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --workdir")
+    p.add_argument("--init-from", metavar="RUN[/STEP]",
+                   help="fine-tune: start from this run's parameters (its best checkpoint, else its last; or STEP) "
+                   "and tokenizer, with a fresh optimizer and step 0; the model's array shapes must match. "
+                   "Ignored once --workdir has checkpoints (so --resume continues the fine-tuning run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
 
 
@@ -85,6 +89,56 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="log-probability of given translations under a trained run",
+        description="Score each --tgt line as a translation of the same --src line by teacher forcing. "
+        "Prints one line per input line: total log-probability, per token, and length-normalised, "
+        "tab-separated. Tokens count the end-of-sentence token; normalised = total / ((5 + tokens) / 6) ** alpha, "
+        "the GNMT length penalty beam search ranks by. Empty lines are scored as empty sentences.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="run directory written by `train` or `average`")
+    p.add_argument("--src", required=True, help="source file (one sentence per line; - for stdin)")
+    p.add_argument("--tgt", required=True, help="target file with as many lines as --src")
+    p.add_argument("--step", type=int, help="checkpoint step (default: best, else last)")
+    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
+    p.add_argument("-o", "--output", default="-", help="output file, or - for stdout (default)")
+    p.add_argument("--alpha", type=float, help="length penalty exponent of the normalised score (default from config)")
+    p.add_argument("--batch-tokens", type=int, help="padded tokens per scoring batch (default: data.batch_tokens)")
+
+
+def _add_average(sub) -> None:
+    p = sub.add_parser(
+        "average",
+        help="average the parameters of several checkpoints into a new run directory",
+        description="Average the parameters of the last N (or the N best by validation BLEU) checkpoints of a "
+        "run. The output is a run directory (config and tokenizer copied, one checkpoint) that translate, "
+        "evaluate and score take as --checkpoint; OUT_RUN/averaged.json lists the averaged checkpoints. "
+        "Training keeps train.keep_checkpoints checkpoints: raise it to average more.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory written by `train`")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--last", type=int, metavar="N",
+                       help="the N newest checkpoints (default: all in RUN/checkpoints)")
+    which.add_argument("--best", type=int, metavar="N",
+                       help="the N checkpoints on disk with the highest validation BLEU (train.bleu_every)")
+    p.add_argument("-o", "--output", metavar="OUT_RUN",
+                   help="new run directory to write (default: RUN-avg-lastN or RUN-avg-bestN beside RUN)")
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="plot training curves of one or more runs",
+        description="Plot training and validation loss and validation BLEU against steps and wall time from "
+        "each run's metrics.jsonl, all runs in one figure. Needs matplotlib: pip install 'transformer_mt[plot]'.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by `train`")
+    p.add_argument("-o", "--output", default="curves.png", help="image file: .png, .pdf or .svg (default: curves.png)")
+
+
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", metavar="DIR",
                    help="persistent cache of compiled programs, so the next run of the same model starts in "
@@ -95,14 +149,20 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-mt",
-        description="Transformer neural machine translation in JAX/Flax: train, translate, evaluate.",
+        description="Transformer neural machine translation in JAX/Flax: train, translate, evaluate, score, "
+        "average checkpoints, plot training curves.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,evaluate}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,translate,evaluate,score,average,plot}")
     _add_train(sub)
     _add_translate(sub)
     _add_evaluate(sub)
-    for p in sub.choices.values():
-        add_cache_arguments(p)
+    _add_score(sub)
+    _add_average(sub)
+    _add_plot(sub)
+    for name, p in sub.choices.items():
+        if name not in ("average", "plot"):  # these compile nothing
+            add_cache_arguments(p)
     return parser
 
 
@@ -114,7 +174,7 @@ def run_train(args) -> int:
     if cfg is None and not args.resume:
         raise config_lib.ConfigError("--config is required unless --resume continues an existing run")
     result = train(cfg, args.workdir, resume=args.resume, overrides=args.overrides,
-                   progress_bar=not args.no_progress)
+                   progress_bar=not args.no_progress, init_from=args.init_from)
     reason = result.get("stop_reason") or ""
     if reason.startswith("signal "):
         # Preempted: the checkpoint is saved; a non-zero code tells a job script to resubmit.
@@ -137,6 +197,28 @@ def run_evaluate(args) -> int:
     return evaluate_command(args)
 
 
+def run_score(args) -> int:
+    from transformer_mt.score import score_command
+
+    return score_command(args)
+
+
+def run_average(args) -> int:
+    from transformer_mt.average import average_command
+
+    return average_command(args)
+
+
+def run_plot(args) -> int:
+    from transformer_mt.plot import plot_command
+
+    return plot_command(args)
+
+
+COMMANDS = {"train": run_train, "translate": run_translate, "evaluate": run_evaluate, "score": run_score,
+            "average": run_average, "plot": run_plot}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -147,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformer_mt import compile_cache
 
     quiet_orbax_background_errors()
-    compile_cache.enable(args.compile_cache, disabled=args.no_compile_cache)
+    if hasattr(args, "compile_cache"):
+        compile_cache.enable(args.compile_cache, disabled=args.no_compile_cache)
 
     try:
-        return {"train": run_train, "translate": run_translate, "evaluate": run_evaluate}[args.command](args)
+        return COMMANDS[args.command](args)
     except (ConfigError, CheckpointWriteError) as e:
         print(f"transformer-mt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

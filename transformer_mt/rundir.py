@@ -175,9 +175,10 @@ def parse_checkpoint_path(text: str) -> tuple[Path, int | None]:
     if (path / CONFIG_FILE).is_file():
         return path, None
     if path.name.isdigit():
-        for run in (path.parent, path.parent.parent):
-            if (run / CONFIG_FILE).is_file() and (path.parent == run or path.parent.name in (CHECKPOINTS_DIR, BEST_DIR)):
-                return run, int(path.name)
+        if (path.parent / CONFIG_FILE).is_file():
+            return path.parent, int(path.name)
+        if path.parent.name in (CHECKPOINTS_DIR, BEST_DIR) and (path.parent.parent / CONFIG_FILE).is_file():
+            return path.parent.parent, int(path.name)
     raise ConfigError(f"{text} is neither a run directory (no {CONFIG_FILE}) nor RUN/STEP of one")
 
 
@@ -189,7 +190,7 @@ def init_params(source: str, params: Any, mesh) -> tuple[Any, str]:
     candidates = candidate_steps(run.path, step, False)
     restored = run.restore_first(candidates)
     where = f"{restored.directory}/{restored.step}"
-    difference = first_difference(params, restored.state["params"])
+    difference = first_difference(params, restored.state["params"], ("this model", "the checkpoint"))
     if difference:
         raise CheckpointMismatch(f"--init-from {where} does not fit this model: {difference}")
     return sharding.put_state(mesh, restored.state["params"]), where
