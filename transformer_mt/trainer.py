@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,12 @@ from transformer_mt.checkpoint import Checkpoints, complete_steps
 from transformer_mt.config import Config, ConfigError
 from transformer_mt.model import count_params
 from transformer_mt.rundir import CONFIG_FILE, METRICS_FILE, build_model
+
+
+# Test hook (tests/test_faults.py, benchmarks/kill_resume.py): with this set to N, the run waits
+# after step N (before N+1) until it is signalled. A test that plans to kill the run at some later
+# moment holds it before its last step, so the run can never finish before that moment comes.
+HOLD_ENV = "TRANSFORMER_MT_TEST_HOLD_AT_STEP"
 
 
 class TrainingStopped(RuntimeError):
@@ -142,6 +149,12 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+    def wait(self) -> str:
+        """Blocks until a signal arrives; returns its name (see HOLD_ENV)."""
+        while not self.received:
+            time.sleep(0.01)
+        return self.received
 
 
 def prepare_workdir(workdir: Path, cfg: Config | None, resume: bool, overrides: list[str]) -> Config:
@@ -265,8 +278,12 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
     bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (progress_bar and is_main),
                dynamic_ncols=True, desc="train")
     stop_reason = None
+    hold_at = int(os.environ.get(HOLD_ENV) or -1)
     with StopSignal() as stop:
         while step < tcfg.max_steps:
+            if step == hold_at:
+                stop_reason = f"signal {stop.wait()}"
+                break
             state, metrics = one_step(state)
             step += 1
             pending.append(metrics)
