@@ -73,38 +73,40 @@ def plot_runs(runs: Sequence[str | Path], output: str | Path) -> Path:
     data = [curves(read_metrics(run)) for run in runs]
     output = Path(output)
     fmt = output.suffix.lstrip(".").lower()
-    fig = Figure(figsize=(11, 4))
+    fig = Figure()
     if fmt not in fig.canvas.get_supported_filetypes():
         raise ConfigError(f"-o {output}: unknown image format '{fmt}' (use .png, .pdf or .svg)")
-    timed = any(p[2] is not None for d in data for points in d.values() for p in points)
-    rows = 2 if timed else 1
-    fig.set_size_inches(11, 3.6 * rows)
-    axes = fig.subplots(rows, 2, squeeze=False)
-    x_axes = [("step", None)] + ([("hours since the run's first record", "time")] if timed else [])
-    for row, (x_label, _) in enumerate(x_axes):
+    # Wall time counts from each run's first record, in a unit that suits the longest run.
+    starts = [min((p[2] for points in d.values() for p in points if p[2] is not None), default=None) for d in data]
+    span = max((p[2] - start for d, start in zip(data, starts) for points in d.values() for p in points
+                if p[2] is not None), default=None)
+    unit, seconds = next((u, s) for u, s, above in (("hours", 3600, 7200), ("minutes", 60, 120), ("seconds", 1, -1))
+                         if (span or 0) > above)
+    x_axes = ["step"] + ([f"wall time ({unit} since the run's first record)"] if span is not None else [])
+    fig.set_size_inches(11, 3.6 * len(x_axes))
+    axes = fig.subplots(len(x_axes), 2, squeeze=False)
+    for row, x_label in enumerate(x_axes):
         loss_ax, bleu_ax = axes[row]
-        for k, (d, label) in enumerate(zip(data, labels(runs))):
+        for k, (d, start) in enumerate(zip(data, starts)):
             colour = f"C{k % 10}"
-            start = min((p[2] for points in d.values() for p in points if p[2] is not None), default=None)
 
             def xy(points):
                 if row == 0:
                     return [p[0] for p in points], [p[1] for p in points]
                 kept = [p for p in points if p[2] is not None]
-                return [(p[2] - start) / 3600 for p in kept], [p[1] for p in kept]
+                return [(p[2] - start) / seconds for p in kept], [p[1] for p in kept]
 
-            loss_ax.plot(*xy(d["train_loss"]), color=colour, linewidth=1.2, label=label)
+            loss_ax.plot(*xy(d["train_loss"]), color=colour, linewidth=1.2)
             loss_ax.plot(*xy(d["valid_loss"]), color=colour, linestyle="--", marker=".", linewidth=1.2)
-            bleu_ax.plot(*xy(d["valid_bleu"]), color=colour, marker="o", markersize=3, linewidth=1.2, label=label)
+            bleu_ax.plot(*xy(d["valid_bleu"]), color=colour, marker="o", markersize=3, linewidth=1.2)
         loss_ax.set(xlabel=x_label, ylabel="loss (label-smoothed)")
         bleu_ax.set(xlabel=x_label, ylabel="validation BLEU")
         for ax in (loss_ax, bleu_ax):
             ax.grid(alpha=0.3)
-    loss_ax, bleu_ax = axes[0]
     run_handles = [Line2D([], [], color=f"C{k % 10}", label=label) for k, label in enumerate(labels(runs))]
     style_handles = [Line2D([], [], color="0.3", label="training"),
                      Line2D([], [], color="0.3", linestyle="--", marker=".", label="validation")]
-    loss_ax.legend(handles=run_handles + style_handles, fontsize="small")
+    axes[0, 0].legend(handles=run_handles + style_handles, fontsize="small")
     if not any(d["valid_bleu"] for d in data):
         for ax in axes[:, 1]:
             ax.text(0.5, 0.5, "no validation BLEU recorded\n(train.bleu_every)", ha="center", va="center",
