@@ -21,6 +21,8 @@ def maybe_initialize_distributed() -> None:
 
     Set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run where JAX
     auto-detects the cluster: TPU pods, SLURM, Open MPI and set TRANSFORMER_MT_DISTRIBUTED=1).
+    Must run before anything touches a jax backend. CPU processes reduce through gloo, the
+    default of jax_cpu_collectives_implementation in jax 0.10.2 (tests/test_distributed.py).
     """
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
