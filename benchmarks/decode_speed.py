@@ -1,39 +1,120 @@
-"""Decoding throughput of a trained run: sentences/s for greedy and beam search.
+"""Decoding speed of a trained run, in the peers' setting and at free length.
 
-    python benchmarks/decode_speed.py --checkpoint runs/multi30k --sentences 500
+    python benchmarks/decode_speed.py --checkpoint runs/multi30k            # both settings
+    python benchmarks/decode_speed.py --checkpoint RUN --fixed 32 --beams 1,4 --json-out out.json
 
-Translates the first N validation sentences of the run's config twice per setting (the first
-pass compiles), and reports the second.
+Setting `fixed`: the first --sentences test_2016 source sentences (the run's data.test_files),
+max_len_a=0, max_len_b=--fixed: the length the peers in ../shared/peers force (an untrained or
+1-step run never ends early, so every sentence gets exactly that many tokens). Setting `free`:
+the run's own length limit (a trained run stops at its end token). Token ids are prepared
+beforehand, as the peers take pieces; the `end to end` figure adds tokenization and detokenization.
+
+For each beam size the first pass compiles (its time and the number of programs compiled are
+reported separately); sentences/s and output tokens/s are the median of --passes further passes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
 import time
 
+import jax
+
+from transformer_mt import compile_cache
 from transformer_mt import data as data_lib
 from transformer_mt import translate as tr
+from transformer_mt.textio import read_lines
+
+
+class CompileCounter:
+    """Counts XLA backend compiles (and their seconds) through jax.monitoring."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **_):
+        if event == self.EVENT:
+            self.count += 1
+            self.seconds += duration
+
+
+def output_tokens(results) -> int:
+    """Generated tokens of the best hypotheses, the end token included (as the peers count)."""
+    return sum(len(h[0][0]) + 1 for h in results if h)
+
+
+def measure(translator, params, ids, lines, settings, passes, counter):
+    before = counter.count
+    t0 = time.perf_counter()
+    translator.translate_ids(params, ids, settings)
+    first = time.perf_counter() - t0
+    programs = counter.count - before
+    times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        results = translator.translate_ids(params, ids, settings)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    tr.translate_lines(translator, params, lines, settings, progress=False)
+    end_to_end = time.perf_counter() - t0
+    seconds = statistics.median(times)
+    tokens = output_tokens(results)
+    return {"sentences": len(ids), "sentences_per_s": len(ids) / seconds, "tokens_per_s": tokens / seconds,
+            "output_tokens": tokens, "seconds": seconds, "first_pass_s": first,
+            "compile_s": max(first - seconds, 0.0), "programs": programs,
+            "end_to_end_sentences_per_s": len(ids) / end_to_end}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory")
-    p.add_argument("--sentences", type=int, default=500)
+    p.add_argument("--sentences", type=int, default=200, help="first N test_2016 sentences (peers: 200)")
     p.add_argument("--beams", default="1,4", help="comma-separated beam sizes")
+    p.add_argument("--fixed", type=int, default=32, help="output length of the fixed setting (0: skip it)")
+    p.add_argument("--free", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure at the run's own length limit")
+    p.add_argument("--passes", type=int, default=3, help="timed passes after the compiling one")
+    p.add_argument("--batch-tokens", type=int, help="decode.batch_tokens override")
+    p.add_argument("--compile-cache", action="store_true",
+                   help="use the persistent compilation cache (default off: compile time is measured)")
+    p.add_argument("--source", help="source file (default: the run's data.test_files[0])")
+    p.add_argument("--json-out", help="also write the figures here")
     args = p.parse_args()
+
+    compile_cache.enable(disabled=not args.compile_cache)
+    counter = CompileCounter()
     cfg, graphdef, params, tok, step, mesh = tr.load_run(args.checkpoint)
-    src, _ = data_lib.load_split(cfg.data, "valid")
-    src = src[: args.sentences]
+    source = args.source or cfg.data.test_files[0]
+    lines = read_lines(source)[: args.sentences]
+    ids = tok.encode_src([tr.clean_line(s) for s in lines])
     translator = tr.Translator(cfg, graphdef, tok, mesh)
-    for beam in (int(b) for b in args.beams.split(",")):
-        settings = tr.settings_from(cfg, beam_size=beam)
-        tr.translate_lines(translator, params, src, settings, progress=False)  # compile
-        t0 = time.time()
-        out = tr.translate_lines(translator, params, src, settings, progress=False)
-        seconds = time.time() - t0
-        words = sum(len(h[0][0].split()) for h in out)
-        print(f"beam {beam}: {len(src) / seconds:,.1f} sentences/s ({len(src)} sentences, "
-              f"{words / len(src):.1f} output words/sentence, checkpoint step {step})")
+    settings = []
+    if args.fixed:
+        settings.append((f"fixed{args.fixed}", dict(max_len_a=0.0, max_len_b=args.fixed)))
+    if args.free:
+        settings.append(("free", {}))
+    report = {"checkpoint": args.checkpoint, "step": step, "source": source, "device": str(jax.devices()[0]),
+              "results": {}}
+    print(f"{len(lines)} sentences of {source}; checkpoint step {step}; {jax.devices()[0]}", file=sys.stderr)
+    for name, overrides in settings:
+        for beam in (int(b) for b in args.beams.split(",")):
+            s = tr.settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, **overrides)
+            r = measure(translator, params, ids, lines, s, args.passes, counter)
+            search = "greedy" if beam == 1 else f"beam{beam}"
+            report["results"][f"{name}/{search}"] = r
+            print(f"{name:8s} {search:7s} {r['sentences_per_s']:8.1f} sent/s {r['tokens_per_s']:9.0f} tok/s  "
+                  f"compile {r['compile_s']:5.1f} s ({r['programs']} programs)  "
+                  f"end to end {r['end_to_end_sentences_per_s']:.1f} sent/s  "
+                  f"{r['output_tokens'] / len(ids):.1f} tokens/sentence", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_wide_beam_finds_exhaustive_optimum(alpha):
     log_probs_np, make_fn = chain(0, batch)
     search = jax.jit(lambda c: beam_search(make_fn(beam), c, batch_size=batch, beam_size=beam,
                                            max_steps=max_steps, bos_id=BOS, eos_id=EOS, alpha=alpha, nbest=3))
-    tokens, scores, logps = search(init_cache(batch))
+    tokens, scores, logps = search(expand_to_beams(init_cache(batch), beam))
     for row in range(batch):
         best_seq, best = exhaustive_best(log_probs_np, row, max_steps, alpha)
         assert strip(tokens[row, 0]) == best_seq
@@ -97,7 +97,7 @@ def test_beam_beats_greedy_where_greedy_is_myopic():
 
     tokens, score = greedy_search(fn, init_cache(1), batch_size=1, max_steps=4, bos_id=BOS, eos_id=EOS)
     assert strip(tokens[0])[0] == 4
-    btoks, bscores, blogp = beam_search(fn, init_cache(1), batch_size=1, beam_size=2, max_steps=4,
+    btoks, bscores, blogp = beam_search(fn, expand_to_beams(init_cache(1), 2), batch_size=1, beam_size=2, max_steps=4,
                                         bos_id=BOS, eos_id=EOS, alpha=0.0)
     assert strip(btoks[0, 0]) == [5, EOS]
     np.testing.assert_allclose(blogp[0, 0], np.log(0.4 * 0.98), rtol=1e-5)
@@ -122,7 +122,7 @@ def test_hypotheses_end_at_eos_within_their_length_limit():
     batch, max_steps, beam = 5, 9, 4
     _, make_fn = chain(7, batch)
     max_lens = jnp.array([1, 2, 3, 9, 5], jnp.int32)
-    tokens, scores, _ = beam_search(make_fn(beam), init_cache(batch), batch_size=batch, beam_size=beam,
+    tokens, scores, _ = beam_search(make_fn(beam), expand_to_beams(init_cache(batch), beam), batch_size=batch, beam_size=beam,
                                     max_steps=max_steps, bos_id=BOS, eos_id=EOS, max_lens=max_lens, nbest=beam)
     g_tokens, _ = greedy_search(make_fn(1), init_cache(batch), batch_size=batch, max_steps=max_steps,
                                 bos_id=BOS, eos_id=EOS, max_lens=max_lens)
@@ -144,7 +144,7 @@ def test_simultaneous_endings_keep_all_finished():
     logp[BOS, [4, 5, 1]] = np.log([0.5, 0.3, 0.2])
     logp[[4, 5, 1], EOS] = 0.0
     table = jnp.asarray(logp)
-    tokens, _, logps = beam_search(lambda ids, c: (table[ids], c), init_cache(1), batch_size=1, beam_size=3,
+    tokens, _, logps = beam_search(lambda ids, c: (table[ids], c), expand_to_beams(init_cache(1), 3), batch_size=1, beam_size=3,
                                    max_steps=5, bos_id=BOS, eos_id=EOS, alpha=0.0, nbest=3)
     assert [strip(t) for t in tokens[0]] == [[4, EOS], [5, EOS], [1, EOS]]
     np.testing.assert_allclose(logps[0], np.log([0.5, 0.3, 0.2]), rtol=1e-5)
@@ -165,7 +165,7 @@ def test_early_exit_stops_the_loop():
         jax.debug.callback(lambda: steps.append(1))
         return calls(ids, c)
 
-    beam_search(counting, init_cache(2), batch_size=2, beam_size=2, max_steps=50, bos_id=BOS, eos_id=EOS)
+    beam_search(counting, expand_to_beams(init_cache(2), 2), batch_size=2, beam_size=2, max_steps=50, bos_id=BOS, eos_id=EOS)
     jax.effects_barrier()
     assert len(steps) <= 4, f"beam search ran {len(steps)} steps for an EOS-only chain"
 

@@ -66,11 +66,11 @@ def test_cached_decoding_equals_full_forward(model, use_jit):
     def steps(params):
         m = nnx.merge(graphdef, params)
         enc, mask = m.encode(SRC)
-        cross = m.cross_kv(enc)
-        cache = m.init_cache(SRC.shape[0], 8)  # longer than the target: unused slots must be masked
+        cross = m.cross_state(enc, mask)
+        cache = m.init_cache(SRC.shape[0], 1, 8)  # longer than the target: unused slots must be masked
         out = []
         for t in range(TGT.shape[1]):
-            logits, cache = m.decode_step(jnp.asarray(TGT[:, t]), cache, cross, mask)
+            logits, cache = m.decode_step(jnp.asarray(TGT[:, t]), cache, cross)
             out.append(logits)
         return jnp.stack(out, axis=1)
 
@@ -90,3 +90,43 @@ def test_dropout_only_with_rngs_and_tied_embeddings():
     untied = make(tie=False)
     names = {"/".join(str(k) for k in p) for p, _ in nnx.to_flat_state(nnx.state(untied, nnx.Param))}
     assert any(n.startswith("output") for n in names) and any(n.startswith("tgt_embed") for n in names)
+
+
+def test_beam_cache_follows_parents_without_moving_entries(model):
+    """Three hypotheses per sentence share one cache buffer; after each step they are reordered
+    (parents) and fed different tokens. Each hypothesis' logits must equal the full forward pass
+    of its own token history, so attention reads exactly its ancestors' entries."""
+    beams, steps = 3, 5
+    rng = np.random.default_rng(1)
+    graphdef, params = nnx.split(model)
+    batch = SRC.shape[0]
+    parents = rng.integers(0, beams, (steps, batch, beams))
+    tokens = rng.integers(4, V, (steps, batch, beams))
+    tokens[0] = 2  # BOS for every hypothesis
+
+    def run(params):
+        m = nnx.merge(graphdef, params)
+        enc, mask = m.encode(SRC)
+        cache = m.init_cache(batch, beams, steps + 2)
+        cross = m.cross_state(enc, mask)
+        out = []
+        for t in range(steps):
+            if t:
+                cache = m.reorder_cache(cache, jnp.asarray(parents[t]))
+            logits, cache = m.decode_step(jnp.asarray(tokens[t].reshape(-1)), cache, cross)
+            out.append(logits.reshape(batch, beams, -1))
+        return out
+
+    out = jax.jit(run)(params)
+    # Rebuild each hypothesis' history by following the parents backwards.
+    for t in range(steps):
+        for b in range(batch):
+            for j in range(beams):
+                history, slot = [], j
+                for u in range(t, -1, -1):
+                    history.append(tokens[u, b, slot])
+                    if u:
+                        slot = parents[u, b, slot]
+                history = np.array(history[::-1])[None]
+                full = model(SRC[b : b + 1], history)[0, -1]
+                np.testing.assert_allclose(out[t][b, j], full, atol=2e-5, rtol=1e-5)

@@ -1,9 +1,12 @@
 """Greedy and beam search over `tokens_to_logits(ids, cache) -> (logits, cache)`.
 
-Decoding knows nothing of the model, so it can be tested on a hand-made Markov chain. Cache
-leaves with ndim >= 1 have one row per hypothesis and are reordered with the beams; scalar
-leaves (a shared decode position) are left alone. Both searches run under jit with
-`lax.while_loop` and stop early.
+Decoding knows nothing of the model, so it can be tested on a hand-made Markov chain. The
+cache is the caller's: beam search hands it over with one row per hypothesis ([batch * beam],
+beams of a sentence adjacent) and, after each step, calls `reorder_cache(cache, parents)` with
+each new hypothesis' parent beam ([batch, beam]). The default reorder gathers every leaf's rows
+(scalar leaves, such as a shared position, are left alone); a model can instead keep its
+entries in place and record ancestry (see model.Transformer.reorder_cache). Both searches run
+under jit with `lax.while_loop` and stop early.
 """
 
 from __future__ import annotations
@@ -49,9 +52,15 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
 
     def body(carry):
         step, last, tokens, done, scores, cache = carry
-        logp, cache = _log_probs(tokens_to_logits, last, cache, step, eos_id, max_lens)  # [B, V]
-        nxt = jnp.argmax(logp, axis=-1).astype(jnp.int32)  # [B]
-        scores = scores + jnp.where(done, 0.0, jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0])
+        logits, cache = tokens_to_logits(last, cache)  # [B, V]
+        # No full log-softmax: the argmax of the logits, scored by its log-probability (computed
+        # as jax.nn.log_softmax does, so scores match beam search's bit for bit).
+        shifted = logits.astype(jnp.float32) - jnp.max(logits, axis=-1, keepdims=True).astype(jnp.float32)
+        log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))  # [B]
+        force = step + 1 >= max_lens
+        nxt = jnp.where(force, eos_id, jnp.argmax(shifted, axis=-1)).astype(jnp.int32)  # [B]
+        logp = jnp.take_along_axis(shifted, nxt[:, None], axis=-1)[:, 0] - log_norm
+        scores = scores + jnp.where(done, 0.0, logp)
         nxt = jnp.where(done, pad_id, nxt)
         tokens = tokens.at[:, step].set(nxt)
         return step + 1, nxt, tokens, done | (nxt == eos_id), scores, cache
@@ -63,16 +72,11 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
     return tokens, scores
 
 
-def _gather_beams(tree, indices, batch_size: int, beam_size: int):
-    """Selects beams per sentence: leaves [batch * beam, ...] or [batch, beam, ...] by indices [batch, k]."""
-    flat = (indices + jnp.arange(batch_size)[:, None] * beam_size).reshape(-1)  # [batch * k]
-
-    def gather(x):
-        if x.ndim == 0:
-            return x
-        return x[flat]
-
-    return jax.tree.map(gather, tree)
+def gather_beams(tree, parents):
+    """Default `reorder_cache`: leaves [batch * beam, ...] take the rows of parents [batch, beam]."""
+    batch_size, beam_size = parents.shape
+    flat = (parents + jnp.arange(batch_size)[:, None] * beam_size).reshape(-1)  # [batch * beam]
+    return jax.tree.map(lambda x: x[flat] if x.ndim else x, tree)
 
 
 def _take(x, indices):
@@ -81,8 +85,9 @@ def _take(x, indices):
 
 
 def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max_steps: int, bos_id: int,
-                eos_id: int, pad_id: int = 0, alpha: float = 0.6, max_lens=None, nbest: int = 1):
-    """Returns (tokens int32 [batch, nbest, max_steps], scores [batch, nbest], log_probs [batch, nbest]).
+                eos_id: int, pad_id: int = 0, alpha: float = 0.6, max_lens=None, nbest: int = 1,
+                reorder_cache=gather_beams):
+    """cache holds batch * beam_size hypotheses (see the module docstring). Returns (tokens int32 [batch, nbest, max_steps], scores [batch, nbest], log_probs [batch, nbest]).
 
     scores = log_probs / length_penalty(length incl. EOS, alpha), best first. Each step takes the
     top 2*beam extensions, so even when every alive beam ends at once, beam alive ones remain;
@@ -94,7 +99,6 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
     k2 = 2 * beam_size
     max_lens = jnp.full((batch_size,), max_steps, jnp.int32) if max_lens is None else jnp.minimum(max_lens, max_steps)
     beam_max_lens = jnp.repeat(max_lens, beam_size)  # [batch * beam]
-    cache = expand_to_beams(cache, beam_size)
 
     alive_seq = jnp.full((batch_size, beam_size, max_steps), pad_id, jnp.int32)
     alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (beam_size - 1), jnp.float32), (batch_size, 1))
@@ -141,7 +145,7 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
         alive_logp, keep = jax.lax.top_k(alive_cand, beam_size)  # [batch, beam]
         alive_seq = _take(seqs, keep)
         chosen_parent = _take(parent, keep)
-        cache = _gather_beams(cache, chosen_parent, batch_size, beam_size)
+        cache = reorder_cache(cache, chosen_parent)
         last = _take(token, keep).reshape(-1)
         return step + 1, last, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, cache
 

@@ -1,8 +1,9 @@
 """Encoder-decoder Transformer (Vaswani et al., 2017) in Flax NNX.
 
 Entry points: `encode` (once per batch), `decode` (teacher forcing, training), and
-`cross_kv` + `init_cache` + `decode_step` (incremental decoding: the encoder's cross-attention
-keys/values are projected once per sentence, self-attention keys/values are cached).
+`cross_state` + `init_cache` + `decode_step` (+ `reorder_cache` for beams): incremental decoding,
+where the encoder's cross-attention keys/values are projected once per sentence and
+self-attention keys/values are cached.
 
 Shapes are named in comments: B batch, S source length, T target length, H heads,
 K head dim, D model dim, V vocabulary.
@@ -71,6 +72,21 @@ def dropout(x, rate: float, rngs: nnx.Rngs | None):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def heads_major_attention(q, k, v, mask):
+    """Decoding attention: q [B, Q, H, K] against heads-major k/v [B, H, L, K] -> [B, Q, H, K];
+    mask bool broadcastable to [B, H, L, Q] (keys before queries).
+
+    Same math as dot_product_attention (float32 softmax). The einsum layouts are the ones
+    XLA:CPU runs fastest for a few queries against a long cache (logits [B, H, L, Q], then
+    [B, H, Q, K]): several times faster than [B, H, Q, L] here.
+    """
+    logits = jnp.einsum("bqhk,bhtk->bhtq", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits / math.sqrt(q.shape[-1]), NEG_INF)
+    weights = jax.nn.softmax(logits, axis=2).transpose(0, 1, 3, 2)  # [B, H, Q, L]
+    out = jnp.einsum("bhqt,bhtk->bhqk", weights.astype(v.dtype), v)
+    return out.transpose(0, 2, 1, 3)
+
+
 class Attention(nnx.Module):
     """Multi-head attention projections; the attention itself is `dot_product_attention`."""
 
@@ -95,6 +111,10 @@ class Attention(nnx.Module):
 
     def attend(self, q, k, v, mask, rngs):
         out = dot_product_attention(q, k, v, mask, self.dropout_rate, rngs)  # [B, Tq, H, K]
+        return self.out(out.reshape(out.shape[:-2] + (-1,)))
+
+    def attend_cached(self, q, k, v, mask):
+        out = heads_major_attention(q, k, v, mask)  # [B, Q, H, K]
         return self.out(out.reshape(out.shape[:-2] + (-1,)))
 
 
@@ -151,14 +171,13 @@ class DecoderLayer(nnx.Module):
         self.ffn_block = Residual(cfg, dtype, rngs)
         self.rotary = cfg.positional == "rotary"
 
-    def __call__(self, x, self_kv_fn, self_mask, cross_kv, cross_mask, positions, rngs):
-        """`self_kv_fn(k, v) -> (k, v)` lets incremental decoding splice in its cache."""
+    def __call__(self, x, self_mask, cross_kv, cross_mask, positions, rngs):
+        """Teacher forcing: x [B, T, D] attends to itself under self_mask and to cross_kv."""
 
         def self_attention(h):
             q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)
             if self.rotary:
                 q, k = apply_rotary(q, positions), apply_rotary(k, positions)
-            k, v = self_kv_fn(k, v)
             return self.self_attn.attend(q, k, v, self_mask, rngs)
 
         def cross_attention(h):
@@ -167,6 +186,27 @@ class DecoderLayer(nnx.Module):
         x = self.self_block(x, self_attention, rngs)
         x = self.cross_block(x, cross_attention, rngs)
         return self.ffn_block(x, lambda h: self.ffn(h, rngs), rngs)
+
+    def step(self, x, cache, offset, self_mask, cross_k, cross_v, cross_mask, positions):
+        """Incremental decoding of x [B, N, D] (N hypotheses per sentence, all at one position):
+        writes their keys/values at entries offset .. offset+N-1 of cache k/v [B, H, L, K]."""
+        new = {}
+
+        def self_attention(h):
+            q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)  # [B, N, H, K]
+            if self.rotary:
+                q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+            for name, value in (("k", k), ("v", v)):
+                new[name] = jax.lax.dynamic_update_slice_in_dim(
+                    cache[name], value.transpose(0, 2, 1, 3).astype(cache[name].dtype), offset, 2)
+            return self.self_attn.attend_cached(q, new["k"], new["v"], self_mask)
+
+        def cross_attention(h):
+            return self.cross_attn.attend_cached(self.cross_attn.project_q(h), cross_k, cross_v, cross_mask)
+
+        x = self.self_block(x, self_attention, None)
+        x = self.cross_block(x, cross_attention, None)
+        return self.ffn_block(x, lambda h: self.ffn(h, None), None), new
 
 
 class Transformer(nnx.Module):
@@ -225,10 +265,6 @@ class Transformer(nnx.Module):
             x = self.encoder_norm(x)
         return x, src_mask
 
-    def cross_kv(self, encoded):
-        """Cross-attention keys/values of every decoder layer, projected once per sentence."""
-        return tuple(layer.cross_attn.project_kv(encoded) for layer in self.decoder_layers)
-
     def decode(self, tgt_in, encoded, src_mask, rngs: nnx.Rngs | None = None):
         """Teacher forcing: tgt_in [B, T] -> float32 logits [B, T, V]; position t sees tgt_in[:, :t+1]."""
         T = tgt_in.shape[1]
@@ -238,40 +274,68 @@ class Transformer(nnx.Module):
         cross_mask = src_mask[:, None, None, :]
         for layer in self.decoder_layers:
             cross = layer.cross_attn.project_kv(encoded)
-            x = layer(x, lambda k, v: (k, v), causal, cross, cross_mask, positions, rngs)
+            x = layer(x, causal, cross, cross_mask, positions, rngs)
         return self._logits(x)
 
     def __call__(self, src, tgt_in, rngs: nnx.Rngs | None = None):
         encoded, src_mask = self.encode(src, rngs)
         return self.decode(tgt_in, encoded, src_mask, rngs)
 
-    def init_cache(self, batch_size: int, max_len: int):
-        """Empty self-attention cache: per layer k/v [B, max_len, H, K], plus the shared position."""
-        shape = (batch_size, max_len, self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads)
+    # ------------------------------------------------------------------ incremental decoding
+    #
+    # Rows are sentences x beams, [B * N] in the search's order (N = 1 for greedy). Keys and values
+    # are kept heads-major, [B, H, L, K], the layout the attention dots read without a transpose.
+    # Cross-attention keys/values are projected once per sentence and shared by its beams. The
+    # self-attention cache holds every beam's entries in one buffer per layer, position-major
+    # ([B, H, max_len * N, K]: entry t * N + j is beam j at position t); an entry is written once
+    # and never moved. `slots` [B, N, max_len] says, for each hypothesis, which beam's entry at
+    # each position is its ancestor; a beam reorder gathers only these ints (`reorder_cache`).
+
+    def cross_state(self, encoded, src_mask):
+        """Per-sentence decoding inputs: cross keys/values [B, H, S, K] of every layer and the mask."""
+        layers = []
+        for layer in self.decoder_layers:
+            k, v = layer.cross_attn.project_kv(encoded)  # [B, S, H, K]
+            layers.append((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)))
+        return {"layers": tuple(layers), "mask": src_mask[:, None, :, None]}  # mask [B, 1, S, 1]
+
+    def init_cache(self, batch_size: int, beam_size: int, max_len: int):
+        """Empty self-attention cache for batch_size sentences of beam_size hypotheses each."""
+        heads, head_dim = self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads
+        shape = (batch_size, heads, max_len * beam_size, head_dim)
         layers = tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
                        for _ in self.decoder_layers)
-        return {"layers": layers, "index": jnp.zeros((), jnp.int32)}
+        slots = jnp.zeros((batch_size, beam_size, max_len), jnp.int32)
+        return {"layers": layers, "slots": slots, "index": jnp.zeros((), jnp.int32)}
 
-    def decode_step(self, ids, cache, cross_kv, src_mask):
-        """One incremental step: ids [B] at position cache['index'] -> (float32 logits [B, V], cache)."""
-        index = cache["index"]
-        max_len = cache["layers"][0]["k"].shape[1]
-        positions = jnp.full((ids.shape[0], 1), index)
-        x = self._embed(self.tgt_embed, ids[:, None], positions, None)  # [B, 1, D]
-        self_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]
-        cross_mask = src_mask[:, None, None, :]
+    @staticmethod
+    def reorder_cache(cache, parents):
+        """After a beam step: hypothesis j of sentence b continues parents[b, j] ([B, N] int)."""
+        slots = jnp.take_along_axis(cache["slots"], parents[:, :, None], axis=1)
+        return {**cache, "slots": slots}
+
+    def decode_step(self, ids, cache, cross):
+        """One step: ids [B * N] at position cache['index'] -> (float32 logits [B * N, V], cache)."""
+        index, slots = cache["index"], cache["slots"]
+        batch, beams, max_len = slots.shape
+        positions = jnp.full((batch, beams), index)
+        x = self._embed(self.tgt_embed, ids.reshape(batch, beams), positions, None)  # [B, N, D]
+        seen = jnp.arange(max_len) <= index  # [T]
+        if beams == 1:
+            self_mask = seen[None, None, :, None]  # [1, 1, T, 1]
+        else:
+            slots = jax.lax.dynamic_update_slice_in_dim(
+                slots, jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (batch, beams, 1)), index, 2)
+            # Entry t * N + s is an ancestor of hypothesis j when slots[b, j, t] == s.
+            mine = (slots[:, :, :, None] == jnp.arange(beams)) & seen[:, None]  # [B, N(j), T, N(s)]
+            self_mask = mine.transpose(0, 2, 3, 1).reshape(batch, 1, max_len * beams, beams)  # [B, 1, T*N, N]
         new_layers = []
-        for layer, layer_cache, cross in zip(self.decoder_layers, cache["layers"], cross_kv):
-            updated = {}
-
-            def splice(k, v, layer_cache=layer_cache, updated=updated):
-                updated["k"] = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(self.dtype), index, 1)
-                updated["v"] = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(self.dtype), index, 1)
-                return updated["k"], updated["v"]
-
-            x = layer(x, splice, self_mask, cross, cross_mask, positions, None)
-            new_layers.append(updated)
-        return self._logits(x)[:, 0], {"layers": tuple(new_layers), "index": index + 1}
+        for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
+            x, layer_cache = layer.step(x, layer_cache, index * beams, self_mask, cross_k, cross_v,
+                                        cross["mask"], positions)
+            new_layers.append(layer_cache)
+        logits = self._logits(x).reshape(batch * beams, -1)
+        return logits, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
 
 
 def count_params(model: nnx.Module) -> int:

@@ -70,22 +70,18 @@ def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_step
     def search(params, src, max_lens):
         model = nnx.merge(graphdef, params)
         encoded, src_mask = model.encode(src)  # [B, S, D], [B, S]
-        cross = model.cross_kv(encoded)  # per layer ([B, S, H, K], [B, S, H, K])
+        cross = model.cross_state(encoded, src_mask)  # once per sentence, shared by its beams
         batch = src.shape[0]
+        cache = model.init_cache(batch, beam_size, max_steps)
+        step = functools.partial(model.decode_step, cross=cross)
         if beam_size == 1:
-            fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=src_mask)
             tokens, scores = decode_lib.greedy_search(
-                lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
-                batch_size=batch, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                step, cache, batch_size=batch, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
                 max_lens=max_lens)
             return tokens[:, None, :], scores[:, None]
-        cross = decode_lib.expand_to_beams(cross, beam_size)
-        beam_mask = decode_lib.expand_to_beams(src_mask, beam_size)
-        fn = functools.partial(model.decode_step, cross_kv=cross, src_mask=beam_mask)
         tokens, scores, _ = decode_lib.beam_search(
-            lambda ids, cache: fn(ids, cache), model.init_cache(batch, max_steps),
-            batch_size=batch, beam_size=beam_size, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_id=PAD_ID, alpha=alpha, max_lens=max_lens, nbest=nbest)
+            step, cache, batch_size=batch, beam_size=beam_size, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_id=PAD_ID, alpha=alpha, max_lens=max_lens, nbest=nbest, reorder_cache=model.reorder_cache)
         return tokens, scores
 
     return jax.jit(search)
@@ -114,17 +110,9 @@ class Translator:
         sources = [self._fit(list(s)) for s in sources]
         todo = [i for i, s in enumerate(sources) if len(s) > 1]
         todo.sort(key=lambda i: len(sources[i]))
-        multiple = sharding.data_size(self.mesh)
-        batches = []
-        start = 0
-        while start < len(todo):
-            length = data_lib.bucket_for(len(sources[todo[start]]), self.buckets)
-            tokens = settings.batch_tokens // settings.beam_size  # beam rows count against the budget
-            per_batch = data_lib.examples_per_batch(length, tokens)
-            rows = data_lib.rows_for_bucket(length, tokens, multiple)
-            chunk = [i for i in todo[start : start + per_batch] if len(sources[i]) <= length]
-            batches.append((length, rows, chunk))
-            start += len(chunk)
+        batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
+                               sharding.data_size(self.mesh))
+        batches = [(length, rows, [todo[k] for k in chunk]) for length, rows, chunk in batches]
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
         for length, rows, chunk in batches:
@@ -150,6 +138,40 @@ class Translator:
         ids = self.tok.encode_src([clean_line(s) for s in sentences])
         nbest = self.translate_ids(params, ids, settings, progress)
         return [self.tok.decode_tgt([hyps[0][0]])[0] if hyps else "" for hyps in nbest]
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: int,
+                 row_multiple: int = 1) -> list[tuple[int, int, list[int]]]:
+    """Splits length-sorted sentences into (source length, rows, positions in `lengths`) batches.
+
+    A batch takes the next sentences while their padded source tokens (count x the bucket of its
+    longest) stay within batch_tokens. Its rows are the sentence count rounded up to a power of
+    two (and to a multiple of the data-parallel size), so a small input is not decoded at the
+    size of a full batch, no batch holds more than twice its sentences, and the compiled shapes
+    stay few: at most one per (bucket, power of two).
+    """
+    batches, start = [], 0
+    while start < len(lengths):
+        end, length = start + 1, bucket_for_source(lengths[start], buckets)
+        while end < len(lengths):
+            longer = bucket_for_source(lengths[end], buckets)
+            if (end + 1 - start) * longer > batch_tokens:
+                break
+            end, length = end + 1, longer
+        rows = _next_power_of_two(end - start)
+        rows = -(-rows // row_multiple) * row_multiple
+        batches.append((length, rows, list(range(start, end))))
+        start = end
+    return batches
+
+
+def bucket_for_source(length: int, buckets: Sequence[int]) -> int:
+    """The training bucket that holds `length` source tokens (inputs are cut to the largest)."""
+    return data_lib.bucket_for(min(length, buckets[-1]), buckets)
 
 
 def _cut(seq) -> list[int]:
