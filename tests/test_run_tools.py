@@ -13,6 +13,7 @@ from conftest import FAST, TINY, cli_here, tiny_config
 from transformer_mt import data as data_lib
 from transformer_mt import rundir
 from transformer_mt import train_step as ts
+from transformer_mt.average import select_best, select_last
 from transformer_mt.checkpoint import Checkpoints
 from transformer_mt.trainer import train
 
@@ -79,8 +80,15 @@ def test_average_refuses_checkpoints_of_different_models(copied_run, trained_run
     assert not (copied_run.parent / "run-avg-last2").exists()
     r = cli_here("average", "--checkpoint", str(copied_run), "--last", "5")
     one_error_line(r, "--last 5", "holds 2 checkpoint(s)", "train.keep_checkpoints")
-    r = cli_here("average", "--checkpoint", str(copied_run), "--best", "2")
+    r = cli_here("average", "--checkpoint", str(copied_run), "--best", "2")  # 401's record has no BLEU history
     one_error_line(r, "--best 2", "validation BLEU")
+
+
+def test_average_best_takes_the_highest_validation_bleu(trained_run):
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    best_step = max((r for r in records if "bleu" in r), key=lambda r: r["bleu"])["step"]
+    assert [step for _, step in select_best(trained_run, 1)] == [best_step]
+    assert [step for _, step in select_last(trained_run, None)] == [400]
 
 
 def test_init_from_starts_at_the_source_parameters(trained_run, tmp_path):

@@ -23,7 +23,8 @@ def _add_train(sub) -> None:
         "model, checkpoints, metrics.jsonl and TensorBoard events into --workdir.",
         epilog="SIGTERM or SIGINT saves a checkpoint and exits with 143 or 130; --resume continues exactly. "
         "Exit codes: 0 done, 1 stopped on a non-finite loss (train.on_nonfinite=stop), 2 error "
-        "(one line on stderr: bad config, missing file, checkpoint that cannot be written).",
+        "(one line on stderr: bad config, missing file, checkpoint that cannot be written, --init-from model of other "
+        "shapes).",
     )
     add_train_arguments(p)
 
@@ -49,7 +50,8 @@ def _add_translate(sub) -> None:
         description="Translate text, one sentence per line. Writes exactly one output line per input line, "
         "in input order (an empty input line gives an empty output line).",
     )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory written by `train`")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="run directory written by `train` or `average`")
     p.add_argument("--step", type=int, help="checkpoint step (default: the best-BLEU checkpoint if any, else the last)")
     p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
     p.add_argument("-i", "--input", default="-", help="input file, or - for stdin (default)")
@@ -79,7 +81,8 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--hyp", help="hypothesis file (one line per reference line)")
     p.add_argument("--ref", required=True, help="reference file")
-    p.add_argument("--checkpoint", metavar="RUN_DIR", help="run directory to translate --src with")
+    p.add_argument("--checkpoint", metavar="RUN_DIR",
+                   help="run directory (from `train` or `average`) to translate --src with")
     p.add_argument("--src", help="source file to translate (with --checkpoint)")
     p.add_argument("--step", type=int, help="checkpoint step (default: best, else last)")
     p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
