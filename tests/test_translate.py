@@ -37,7 +37,7 @@ def test_training_validates_bleu_and_keeps_best(trained_run):
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    cfg, graphdef, params, tok, step, mesh = tr.load_run(trained_run)
+    cfg, graphdef, params, tok, step, mesh = rundir.load_run(trained_run)
     return cfg, tr.Translator(cfg, graphdef, tok, mesh), params
 
 
