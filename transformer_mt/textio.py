@@ -32,6 +32,44 @@ def decode_lines(raw_lines: Iterable[bytes], name: str, first_line: int = 1) -> 
             yield raw.decode("utf-8", errors="replace")
 
 
+def _open_binary(path: str):
+    """A binary stream of a file (.gz decompressed on the fly) or stdin ('-'), with one-line errors."""
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise ConfigError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"input is a directory, not a file: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"input file is not readable: {path}") from None
+    return gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
+
+
+def iter_line_chunks(path: str, size: int) -> Iterator[tuple[int, list[str]]]:
+    """(number of the chunk's first line, up to `size` lines) of a file or stdin, read as it goes,
+    so memory stays bounded whatever the input's length; lines as `read_lines` splits them."""
+    name = "stdin" if path == "-" else path
+    stream = _open_binary(path)
+    chunk: list[bytes] = []
+    first = 1
+    try:
+        for raw in stream:
+            chunk.append(raw)
+            if len(chunk) >= size:
+                yield first, list(decode_lines(chunk, name, first))
+                first += len(chunk)
+                chunk = []
+    except (OSError, EOFError) as e:  # a damaged .gz shows up mid-way
+        raise ConfigError(f"{path}: cannot read past line {first + len(chunk) - 1} ({e})") from None
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    if chunk:
+        yield first, list(decode_lines(chunk, name, first))
+
+
 def read_lines(path: str) -> list[str]:
     """All lines of a file (.gz too; '-' for stdin), split on '\\n' only, so counts match `wc -l`."""
     if path == "-":

@@ -7,7 +7,9 @@ input, the output has exactly one line per input line.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -15,7 +17,7 @@ import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -28,7 +30,7 @@ from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt.config import Config, ConfigError
 from transformer_mt.rundir import load_run
-from transformer_mt.textio import decode_lines, read_lines, warn  # noqa: F401 (part of this module's API)
+from transformer_mt.textio import decode_lines, iter_line_chunks, read_lines, warn  # noqa: F401 (part of this module's API)
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -251,17 +253,6 @@ def _format(index: int, hyps: list[tuple[str, float]], nbest: int) -> list[str]:
     return [f"{index} ||| {text} ||| {score:.4f}" for text, score in hyps]
 
 
-def _iter_stdin_chunks(size: int) -> Iterator[list[bytes]]:
-    chunk = []
-    for raw in sys.stdin.buffer:
-        chunk.append(raw)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def translate_command(args) -> int:
     cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, args.last)
     translator = Translator(cfg, graphdef, tok, mesh)
@@ -271,34 +262,63 @@ def translate_command(args) -> int:
     return 0
 
 
+FILE_CHUNK_LINES = 20000  # lines of a file sorted and decoded together: plenty to fill every batch
+
+
 def translate_stream(translator: Translator, params, settings: SearchSettings, input: str, output: str,
                      buffer_lines: int = 0, progress: bool = False) -> int:
     """Translates file or stdin ('-') `input` into `output`; returns the number of input lines.
 
-    stdin to stdout goes chunk by chunk (an interactive pipe gets each line back at once); a
-    file is written whole, atomically, after every line is translated.
+    The input is read and translated in chunks of buffer_lines (default: one line from a
+    terminal, 2000 from a pipe, FILE_CHUNK_LINES from a file), so memory stays bounded whatever
+    its length and a pipe gets its lines back as it goes. Each chunk is sorted by length inside
+    and written back in input order. A file output is written to a temporary file and renamed
+    once every line is translated, so a failed run never leaves half a file.
     """
     translator.truncated = 0
+    if not buffer_lines:
+        buffer_lines = FILE_CHUNK_LINES if input != "-" else (1 if sys.stdin.isatty() else 2000)
+    name = "stdin" if input == "-" else input
     n_lines = 0
-    if input == "-" and output == "-":
-        size = buffer_lines or (1 if sys.stdin.isatty() else 2000)
-        for chunk in _iter_stdin_chunks(size):
-            lines = list(decode_lines(chunk, "stdin", n_lines + 1))
-            results = translate_lines(translator, params, lines, settings, progress=False, name="stdin",
-                                      first_line=n_lines + 1)
-            for k, hyps in enumerate(results):
-                sys.stdout.write("\n".join(_format(n_lines + k, hyps, settings.nbest)) + "\n")
-            sys.stdout.flush()
+    chunks = iter_line_chunks(input, buffer_lines)
+    head = next(chunks, None)  # a missing or unreadable input fails here, before any output exists
+    bar = tqdm(disable=not progress, desc="translate", unit="line", dynamic_ncols=True, file=sys.stderr)
+    with open_output(output) as out:
+        for first, lines in itertools.chain([head] if head else [], chunks):
+            results = translate_lines(translator, params, lines, settings, progress=False, name=name,
+                                      first_line=first)
+            out.write("".join("\n".join(_format(n_lines + k, hyps, settings.nbest)) + "\n"
+                              for k, hyps in enumerate(results)))
+            out.flush()
             n_lines += len(lines)
-    else:
-        lines = read_lines(input)
-        results = translate_lines(translator, params, lines, settings, progress, name="stdin" if input == "-" else input)
-        write_text(output, "".join("\n".join(_format(i, h, settings.nbest)) + "\n" for i, h in enumerate(results)))
-        n_lines = len(lines)
+            bar.update(len(lines))
+    bar.close()
     if translator.truncated:
         warn(f"{translator.truncated} of {n_lines} line(s) were longer than {translator.buckets[-1]} tokens "
              "and translated from their beginning (raise data.bucket_lengths in training for longer inputs)")
     return n_lines
+
+
+@contextlib.contextmanager
+def open_output(path: str):
+    """stdout, or a temporary file beside `path` renamed onto it when the block ends without error."""
+    if path == "-":
+        yield sys.stdout
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        f = open(tmp, "w", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write output {path}: {e.strerror or e}") from None
+    try:
+        with f:
+            yield f
+        tmp.replace(target)
+    except OSError as e:
+        raise ConfigError(f"cannot write output {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str, text: str) -> None:

@@ -1,0 +1,135 @@
+"""The fast search (cross keys/values once per sentence, beam cache never moved, batches sized
+to the work) against a reference that recomputes the whole prefix every step, and against itself
+in batches of every composition."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings as hsettings, strategies as st
+
+from transformer_mt import decode as decode_lib
+from transformer_mt import rundir
+from transformer_mt import translate as tr
+from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+SENTENCES = [
+    "A man .",
+    "Two dogs play in the snow .",
+    "A woman in a red dress walks .",
+    "Kids play .",
+    "A man is riding a bike .",
+    "A dog runs .",
+    "Two men sit on a bench in the park .",
+    "A girl .",
+]
+
+
+@pytest.fixture(scope="module")
+def run(trained_run):
+    cfg, graphdef, params, tok, step, mesh = rundir.load_run(trained_run)
+    return cfg, graphdef, params, tok, tr.Translator(cfg, graphdef, tok, mesh)
+
+
+def reference_search(graphdef, params, src, beam, max_steps, nbest, alpha):
+    """Beam or greedy search whose cache is the token history itself, reordered row by row with
+    the default gather, each step re-running the teacher-forcing decoder over the whole prefix."""
+    model = nnx.merge(graphdef, params)
+    encoded, src_mask = model.encode(src)
+    encoded, src_mask = decode_lib.expand_to_beams((encoded, src_mask), beam)
+    rows = encoded.shape[0]
+
+    def tokens_to_logits(ids, cache):
+        history = jax.lax.dynamic_update_slice(cache["history"], ids[:, None], (0, cache["index"]))
+        logits = model.decode(history, encoded, src_mask)  # [rows, T, V]
+        now = jax.lax.dynamic_index_in_dim(logits, cache["index"], axis=1, keepdims=False)
+        return now, {"history": history, "index": cache["index"] + 1}
+
+    cache = {"history": jnp.full((rows, max_steps), PAD_ID, jnp.int32), "index": jnp.int32(0)}
+    batch = src.shape[0]
+    max_lens = jnp.full((batch,), max_steps, jnp.int32)
+    if beam == 1:
+        tokens, scores = decode_lib.greedy_search(tokens_to_logits, cache, batch_size=batch, max_steps=max_steps,
+                                                  bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_lens=max_lens)
+        return tokens[:, None], scores[:, None]
+    tokens, scores, _ = decode_lib.beam_search(tokens_to_logits, cache, batch_size=batch, beam_size=beam,
+                                               max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                                               alpha=alpha, nbest=nbest, max_lens=max_lens)
+    return tokens, scores
+
+
+@pytest.mark.parametrize("beam,nbest", [(1, 1), (4, 4)])
+def test_fast_search_equals_recomputing_reference(run, beam, nbest):
+    cfg, graphdef, params, tok, _ = run
+    ids = tok.encode_src(SENTENCES)
+    length = max(map(len, ids))
+    src = np.full((len(ids), length), PAD_ID, np.int32)
+    for r, seq in enumerate(ids):
+        src[r, : len(seq)] = seq
+    max_steps = 12
+    fast = tr.compiled_search(graphdef, beam, 0.6, nbest, max_steps)
+    tokens, scores = fast(params, src, np.full((len(ids),), max_steps, np.int32))
+    ref_tokens, ref_scores = jax.jit(lambda p, s: reference_search(graphdef, p, s, beam, max_steps, nbest, 0.6))(
+        params, src)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    assert np.any(np.asarray(tokens) == EOS_ID)  # the trained model ends its hypotheses: endings are tested
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_sentence_alone_equals_sentence_in_any_batch(run, beam):
+    """Row count, source padding and neighbours change nothing: same tokens, same scores."""
+    cfg, graphdef, params, tok, translator = run
+    ids = tok.encode_src(SENTENCES)
+    settings = tr.settings_from(cfg, beam_size=beam, nbest=min(beam, 2))
+    alone = [translator.translate_ids(params, [seq], settings)[0] for seq in ids]
+    rng = np.random.default_rng(beam)
+    order = rng.permutation(len(ids))
+    mixed = [ids[i] for i in order] + ids[:3]  # shuffled, with duplicates: other rows, other neighbours
+    compositions = {
+        "one batch": translator.translate_ids(params, mixed, settings),
+        "small batches": translator.translate_ids(params, mixed, dataclasses.replace(settings, batch_tokens=40)),
+    }
+    for name, results in compositions.items():
+        for k, i in enumerate(list(order) + [0, 1, 2]):
+            for (got_ids, got_score), (want_ids, want_score) in zip(results[k], alone[i]):
+                assert got_ids == want_ids, f"{name}: sentence {i} decoded differently in a batch"
+                assert got_score == pytest.approx(want_score, abs=1e-4), name
+
+
+def test_compiled_programs_are_bounded_for_mixed_lengths(run):
+    cfg, graphdef, params, tok, _ = run
+    buckets = [4, 8, 12, 16]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, bucket_lengths=buckets))
+    translator = tr.Translator(cfg, graphdef, tok)
+    rng = np.random.default_rng(0)
+    words = "a man dog runs in the park with two red kids play snow".split()
+    lines = [" ".join(rng.choice(words, rng.integers(1, 14))) for _ in range(150)]
+    settings = tr.settings_from(cfg, beam_size=1, batch_tokens=128, max_len_a=0.0, max_len_b=6)
+    fn = tr.compiled_search(graphdef, 1, float(settings.alpha), 1, 6)
+    before = fn._cache_size()
+    out = tr.translate_lines(translator, params, lines, settings, progress=False)
+    assert len(out) == len(lines)
+    ids = [translator._fit(s) for s in tok.encode_src(lines)]
+    lengths = sorted(len(s) for s in ids if len(s) > 1)
+    shapes = {(length, rows) for length, rows, _ in tr.plan_batches(lengths, buckets, 128)}
+    programs = fn._cache_size() - before
+    assert programs <= len(shapes) <= 12, f"{programs} programs for {len(lines)} lines of mixed lengths"
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(2, 40), min_size=1, max_size=300), st.sampled_from([64, 256, 1024, 4096]),
+       st.sampled_from([1, 2, 4]))
+def test_batch_plan_is_tight_and_complete(lengths, batch_tokens, multiple):
+    lengths = sorted(lengths)
+    buckets = [8, 16, 24, 32, 40]
+    plan = tr.plan_batches(lengths, buckets, batch_tokens, multiple)
+    assert sorted(i for _, _, chunk in plan for i in chunk) == list(range(len(lengths)))
+    for length, rows, chunk in plan:
+        assert all(lengths[i] <= length for i in chunk) and length in buckets
+        assert rows >= len(chunk) and rows % multiple == 0
+        assert rows < 2 * len(chunk) or rows <= multiple  # never more than twice its sentences
+        assert len(chunk) == 1 or len(chunk) * length <= batch_tokens
