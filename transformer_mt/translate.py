@@ -282,8 +282,8 @@ def translate_stream(translator: Translator, params, settings: SearchSettings, i
     n_lines = 0
     chunks = iter_line_chunks(input, buffer_lines)
     head = next(chunks, None)  # a missing or unreadable input fails here, before any output exists
-    bar = tqdm(disable=not progress, desc="translate", unit="line", dynamic_ncols=True, file=sys.stderr)
     with open_output(output) as out:
+        bar = tqdm(disable=not progress, desc="translate", unit="line", dynamic_ncols=True, file=sys.stderr)
         for first, lines in itertools.chain([head] if head else [], chunks):
             results = translate_lines(translator, params, lines, settings, progress=False, name=name,
                                       first_line=first)
@@ -292,7 +292,7 @@ def translate_stream(translator: Translator, params, settings: SearchSettings, i
             out.flush()
             n_lines += len(lines)
             bar.update(len(lines))
-    bar.close()
+        bar.close()
     if translator.truncated:
         warn(f"{translator.truncated} of {n_lines} line(s) were longer than {translator.buckets[-1]} tokens "
              "and translated from their beginning (raise data.bucket_lengths in training for longer inputs)")
