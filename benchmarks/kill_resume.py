@@ -111,6 +111,16 @@ def choose_target(moment: str, schedule: Schedule, start: int, later: list[str],
     return rng.choice(early or steps[:1])
 
 
+def freeze(proc: subprocess.Popen) -> None:
+    """SIGSTOP, and returns only once every thread has stopped (a rename already under way when
+    the signal is sent finishes first; waitpid reports the stop when the whole process is still)."""
+    proc.send_signal(signal.SIGSTOP)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise RuntimeError(f"the run ended (exit {proc.returncode}) while it was being frozen mid-save")
+
+
 def run_once(cmd: list[str], workdir: Path, moment: str | None, rng: random.Random, schedule: Schedule,
              later: list[str] = (), timeout: float = 600.0) -> str | None:
     """Runs `cmd` and, unless `moment` is None, kills it at that moment; returns "moment: where"
@@ -156,7 +166,7 @@ def run_once(cmd: list[str], workdir: Path, moment: str | None, rng: random.Rand
                     if not (armed and f"{target}{TMP_SUFFIX}" in dirs):
                         time.sleep(0.002)
                         continue
-                    proc.send_signal(signal.SIGSTOP)  # frozen: the save cannot commit while we look
+                    freeze(proc)  # the save cannot commit while we look
                     if f"{target}{TMP_SUFFIX}" not in saving_dirs(workdir):
                         proc.send_signal(signal.SIGCONT)  # it committed just before: take the next save
                         target = choose_target(moment, schedule, target, list(later), rng)

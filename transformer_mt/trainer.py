@@ -37,6 +37,7 @@ from transformer_mt.rundir import CONFIG_FILE, METRICS_FILE, build_model
 # after step N (before N+1) until it is signalled. A test that plans to kill the run at some later
 # moment holds it before its last step, so the run can never finish before that moment comes.
 HOLD_ENV = "TRANSFORMER_MT_TEST_HOLD_AT_STEP"
+_LAUNCHER = os.getppid()  # noted at import: a held run whose launcher is gone stops (StopSignal.wait)
 
 
 class TrainingStopped(RuntimeError):
@@ -151,8 +152,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def wait(self) -> str:
-        """Blocks until a signal arrives; returns its name (see HOLD_ENV)."""
+        """Blocks until a signal arrives; returns its name (see HOLD_ENV). A run whose launcher is
+        gone (a killed test) stops as if preempted instead of waiting forever."""
         while not self.received:
+            if os.getppid() != _LAUNCHER or _LAUNCHER == 1:
+                self.received = signal.SIGTERM.name
             time.sleep(0.01)
         return self.received
 
@@ -348,7 +352,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
     if is_main:
         print(f"stopped at step {step}" + (f" ({stop_reason})" if stop_reason else "") +
               f"; checkpoint in {checkpoints.directory}", flush=True)
-    return {"step": step, "stop_reason": stop_reason, **last}
+    return {**last, "step": step, "stop_reason": stop_reason}  # the step reached, not the last logged one
 
 
 def _summarise(pending: list[dict], step: int, seconds: float, lr: float) -> dict:
