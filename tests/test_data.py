@@ -3,6 +3,8 @@
 import gzip
 import json
 import unicodedata
+from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -90,6 +92,31 @@ def test_separate_vocabularies(tmp_path):
     tok = tok_lib.train(TokenizerConfig(vocab_size=300, joint=False, model_type="bpe"), src, tgt, tmp_path)
     assert not tok.joint and tok.tgt.decode(tok.encode_tgt(tgt[:10])) == tgt[:10]
     assert (tmp_path / "spm.src.model").is_file() and (tmp_path / "spm.tgt.model").is_file()
+
+
+def test_trained_tokenizer_is_reused_from_the_cache(tmp_path):
+    cfg = TokenizerConfig(vocab_size=300)
+    src, tgt = read_gz("train.en.gz", 2000), read_gz("train.de.gz", 2000)
+    cache = tmp_path / "cache"
+    tok_lib.load_or_train(cfg, tmp_path / "a", lambda: (src, tgt), 0, cache)
+    assert [p.name for p in cache.iterdir()] == [tok_lib.cache_key(cfg, src, tgt, 0)]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although the cache holds this tokenizer")
+
+    with mock.patch.object(tok_lib, "train", no_training):
+        tok_lib.load_or_train(cfg, tmp_path / "b", lambda: (src, tgt), 0, cache)
+    model = (tmp_path / "a" / tok_lib.JOINT_FILE).read_bytes()
+    assert (tmp_path / "b" / tok_lib.JOINT_FILE).read_bytes() == model
+    # The cache relies on training being deterministic: a fresh training gives the same bytes.
+    tok_lib.train(cfg, src, tgt, tmp_path / "c", 0)
+    assert (tmp_path / "c" / tok_lib.JOINT_FILE).read_bytes() == model
+    # Anything training reads is in the key.
+    key = tok_lib.cache_key(cfg, src, tgt, 0)
+    others = [tok_lib.cache_key(replace(cfg, vocab_size=301), src, tgt, 0), tok_lib.cache_key(cfg, src, tgt, 1),
+              tok_lib.cache_key(cfg, src[:-1], tgt[:-1], 0), tok_lib.cache_key(cfg, tgt, src, 0),
+              tok_lib.cache_key(cfg, src[:1] + [src[1] + src[2]] + src[3:], tgt, 0)]
+    assert key not in others and len(set(others)) == len(others)
 
 
 def test_batches_visit_every_pair_once_in_bucket_shapes(spm_tok):

@@ -5,6 +5,9 @@ Where: `--compile-cache DIR`, else $JAX_COMPILATION_CACHE_DIR, else
 $XDG_CACHE_HOME/transformer_mt/jax (~/.cache/transformer_mt/jax). Off with `--no-compile-cache`
 or TRANSFORMER_MT_NO_COMPILE_CACHE=1. Entries are keyed by the program, the jax/XLA version and
 the device, so a stale entry is never used; deleting the directory is always safe.
+
+Trained tokenizers are kept there too (tokenizers/<hash of text and settings>/), for the same
+reason: SentencePiece training is the largest part of a new run's start-up that jax cannot cache.
 """
 
 from __future__ import annotations
@@ -41,3 +44,13 @@ def enable(directory: str | os.PathLike | None = None, disabled: bool = False) -
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def tokenizer_dir() -> Path | None:
+    """Where trained tokenizers are kept: beside the compiled programs, or None when caching is off."""
+    import jax
+
+    directory = jax.config.jax_compilation_cache_dir
+    if not jax.config.jax_enable_compilation_cache or not directory:
+        return None
+    return Path(directory) / "tokenizers"

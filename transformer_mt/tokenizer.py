@@ -1,14 +1,21 @@
 """SentencePiece tokenization with fixed special ids, trained from the training split on demand.
 
 The model files are copied into the run directory, so a run directory alone is enough to
-translate later.
+translate later. A trained model is also kept in a cache directory under a hash of everything its
+training read (SentencePiece training is deterministic): a new run on the same data and settings
+copies it instead of training again, which is most of a second start-up.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
+import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -146,8 +153,57 @@ def train(cfg: TokenizerConfig, src_texts: Sequence[str], tgt_texts: Sequence[st
     return load_paths([src, tgt])
 
 
-def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: int = 0) -> Tokenizer:
-    """The run's own tokenizer if present, else cfg.model_paths, else one trained now.
+# Part of every cache key: bump it when _train_one's fixed SentencePiece options change.
+CACHE_VERSION = 1
+
+
+def cache_key(cfg: TokenizerConfig, src_texts: Sequence[str], tgt_texts: Sequence[str], seed: int) -> str:
+    """A hash of everything tokenizer training reads: settings, seed, versions and the text."""
+    settings = [CACHE_VERSION, spm.__version__, dataclasses.asdict(cfg), seed]
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for texts in (src_texts, tgt_texts):
+        h.update(len(texts).to_bytes(8, "little"))
+        for text in texts:
+            data = text.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:32]
+
+
+def _model_names(cfg: TokenizerConfig) -> tuple[str, ...]:
+    return (JOINT_FILE,) if cfg.joint else (SRC_FILE, TGT_FILE)
+
+
+def _store(run_dir: Path, entry: Path, names: Sequence[str]) -> None:
+    """Copies the run's trained model(s) into the cache entry, whole or not at all."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp", dir=entry.parent))
+    except OSError:
+        return  # an unwritable cache only costs speed
+    try:
+        for name in names:
+            shutil.copyfile(run_dir / name, tmp / name)
+        os.replace(tmp, entry)
+    except OSError:  # another process stored the same entry first, or the disk is full
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_cache(entry: Path, names: Sequence[str], run_dir: Path) -> Tokenizer | None:
+    """The cached model(s) copied into the run directory, or None if the entry is absent or unreadable."""
+    if not all((entry / name).is_file() for name in names):
+        return None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        load_paths([entry / name for name in names]).save(run_dir)
+    except (ConfigError, OSError):
+        return None
+    return load_from_run(run_dir)
+
+
+def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: int = 0,
+                  cache_dir: str | Path | None = None) -> Tokenizer:
+    """The run's own tokenizer if present, else cfg.model_paths, else one from `cache_dir` trained
+    earlier on the same text and settings, else one trained now (and stored in `cache_dir`).
 
     `train_pairs` is a callable returning (src_texts, tgt_texts), called only if training is needed.
     """
@@ -162,7 +218,13 @@ def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: 
         tok = load_from_run(run_dir)
     else:
         src, tgt = train_pairs()
-        tok = train(cfg, src, tgt, run_dir, seed)
+        entry = Path(cache_dir) / cache_key(cfg, src, tgt, seed) if cache_dir else None
+        names = _model_names(cfg)
+        tok = _from_cache(entry, names, run_dir) if entry is not None else None
+        if tok is None:
+            tok = train(cfg, src, tgt, run_dir, seed)
+            if entry is not None:
+                _store(run_dir, entry, names)
     if tok.joint != cfg.joint:
         raise ConfigError(
             f"tokenizer in {run_dir} is {'joint' if tok.joint else 'separate'} but tokenizer.joint={cfg.joint}"

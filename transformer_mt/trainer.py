@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from transformer_mt import compile_cache
 from transformer_mt import config as config_lib
 from transformer_mt import data as data_lib
 from transformer_mt import rundir
@@ -201,9 +202,11 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
         from jax.experimental import multihost_utils
 
         if is_main:
-            tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed)
+            tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed,
+                                  compile_cache.tokenizer_dir())
         multihost_utils.sync_global_devices("tokenizer ready")
-    tok = tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed)
+    tok = tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed,
+                                compile_cache.tokenizer_dir())
     mesh = sharding.make_mesh()
     rows_multiple = sharding.data_size(mesh)
     train_examples = data_lib.tokenize_pairs(tok, train_src, train_tgt, dcfg.max_len)
