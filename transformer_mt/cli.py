@@ -145,7 +145,8 @@ def _add_plot(sub) -> None:
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", metavar="DIR",
                    help="persistent cache of compiled programs and trained tokenizers, so the next run of the "
-                   "same model starts in seconds (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/transformer_mt/jax)")
+                   "same model starts in seconds (default: $JAX_COMPILATION_CACHE_DIR, else "
+                   "~/.cache/transformer_mt/jax)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile every program afresh, cache nothing")
 
 
