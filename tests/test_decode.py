@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_mt.decode import beam_search, expand_to_beams, greedy_search, length_penalty
+from transformer_mt.decode import beam_search, expand_to_beams, greedy_search, length_penalty, make_sampler
 
 PAD, BOS, EOS = 0, 2, 3
 V = 6  # 0 pad, 1 unk, 2 bos, 3 eos, 4 "a", 5 "b"
@@ -175,3 +175,89 @@ def test_expand_to_beams_keeps_scalars():
     out = expand_to_beams(tree, 2)
     assert out["x"].shape == (6, 2) and out["i"].shape == ()
     np.testing.assert_array_equal(out["x"][:, 0], [0, 0, 2, 2, 4, 4])
+
+
+def _sample(make_fn, batch, max_steps, keys, **kw):
+    sampler = make_sampler(**kw)
+    return jax.jit(lambda c, k: greedy_search(make_fn(1), c, batch_size=batch, max_steps=max_steps, bos_id=BOS,
+                                              eos_id=EOS, sampler=sampler, keys=k))(init_cache(batch), keys)
+
+
+def test_sampling_top1_is_greedy_and_a_seed_repeats():
+    batch, max_steps = 16, 8
+    _, make_fn = chain(4, batch)
+    keys = jax.random.split(jax.random.key(0), batch)
+    keys = jax.random.key_data(keys)
+    g_tok, g_score = greedy_search(make_fn(1), init_cache(batch), batch_size=batch, max_steps=max_steps,
+                                   bos_id=BOS, eos_id=EOS)
+    t1, s1 = _sample(make_fn, batch, max_steps, keys, top_k=1)
+    np.testing.assert_array_equal(t1, g_tok)
+    np.testing.assert_allclose(s1, g_score, rtol=1e-6)
+    a, _ = _sample(make_fn, batch, max_steps, keys, temperature=1.5)
+    b, _ = _sample(make_fn, batch, max_steps, keys, temperature=1.5)
+    np.testing.assert_array_equal(a, b)  # same keys, same draws
+    other = jax.random.key_data(jax.random.split(jax.random.key(1), batch))
+    c, _ = _sample(make_fn, batch, max_steps, other, temperature=1.5)
+    assert not np.array_equal(a, c)  # another seed draws otherwise
+    assert not np.array_equal(a, g_tok)  # and sampling is not greedy
+
+
+@pytest.mark.parametrize("kw", [{"top_k": 2}, {"top_p": 0.6}, {"top_p": 0.9, "temperature": 2.0}])
+def test_sampled_tokens_stay_inside_top_k_or_nucleus(kw):
+    batch, max_steps = 64, 6
+    log_probs_np, make_fn = chain(5, 1)
+    make_rows = lambda n: chain(5, 1)[1](n)  # noqa: E731 (one chain, one row per sample)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(3), batch))
+    tokens, scores = _sample(make_rows, batch, max_steps, keys, **kw)
+    tokens = np.asarray(tokens)
+    seen_outside_greedy, room = False, 0
+    for row in range(batch):
+        prev, count = BOS, 0
+        total = 0.0
+        for tok in tokens[row]:
+            if tok == PAD:
+                break
+            logp = log_probs_np(0, prev, count) / kw.get("temperature", 1.0)
+            logp = logp - np.logaddexp.reduce(logp)
+            order = np.argsort(-logp, kind="stable")
+            if "top_k" in kw:
+                allowed = set(order[: kw["top_k"]].tolist())
+            else:
+                mass = np.cumsum(np.exp(logp[order])) - np.exp(logp[order])
+                allowed = set(order[mass < kw["top_p"]].tolist())
+            assert int(tok) in allowed, f"row {row}: token {tok} outside {sorted(allowed)}"
+            seen_outside_greedy |= int(tok) != int(order[0])
+            room += len(allowed) > 1
+            total += log_probs_np(0, prev, count)[tok]
+            count += prev == 4
+            prev = int(tok)
+        np.testing.assert_allclose(scores[row], total, rtol=1e-5)  # the model's own log-prob
+    assert room < 20 or seen_outside_greedy  # where the filter leaves room, other tokens are drawn
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_forced_prefix_starts_every_hypothesis(beam):
+    batch, max_steps = 4, 7
+    log_probs_np, make_fn = chain(6, batch)
+    prefix = jnp.array([[5, 5, 4], [4, 0, 0], [0, 0, 0], [5, 4, 5]], jnp.int32)
+    prefix_lens = jnp.array([3, 1, 0, 2], jnp.int32)
+    kw = dict(batch_size=batch, max_steps=max_steps, bos_id=BOS, eos_id=EOS)
+    if beam == 1:
+        free, free_scores = greedy_search(make_fn(1), init_cache(batch), **kw)
+        tokens, scores = greedy_search(make_fn(1), init_cache(batch), prefix=prefix, prefix_lens=prefix_lens, **kw)
+        free, tokens, free_scores, scores = free[:, None], tokens[:, None], free_scores[:, None], scores[:, None]
+    else:
+        cache = expand_to_beams(init_cache(batch), beam)
+        free, free_scores, _ = beam_search(make_fn(beam), cache, beam_size=beam, nbest=beam, **kw)
+        tokens, scores, logps = beam_search(make_fn(beam), cache, beam_size=beam, nbest=beam, prefix=prefix,
+                                            prefix_lens=prefix_lens, **kw)
+    for row in range(batch):
+        n = int(prefix_lens[row])
+        for hyp in np.asarray(tokens[row]):
+            assert list(hyp[:n]) == list(np.asarray(prefix[row, :n]))  # verbatim, at the start
+        if beam > 1:
+            for hyp, lp in zip(np.asarray(tokens[row]), np.asarray(logps[row])):
+                np.testing.assert_allclose(lp, sequence_logp(log_probs_np, row, strip(hyp)), rtol=1e-5)
+    np.testing.assert_array_equal(tokens[2], free[2])  # an empty prefix changes nothing
+    np.testing.assert_allclose(scores[2], free_scores[2], rtol=1e-6)
+    assert not np.array_equal(tokens[0], free[0])  # a real prefix does change the search

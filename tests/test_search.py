@@ -71,7 +71,10 @@ def test_fast_search_equals_recomputing_reference(run, beam, nbest):
         src[r, : len(seq)] = seq
     max_steps = 12
     fast = tr.compiled_search(graphdef, beam, 0.6, nbest, max_steps)
-    tokens, scores = fast(params, src, np.full((len(ids),), max_steps, np.int32))
+    n = len(ids)
+    no_prefix = np.zeros((n, 0), np.int32)
+    tokens, scores = fast(params, src, np.full((n,), max_steps, np.int32), no_prefix, np.zeros((n,), np.int32),
+                          np.arange(n, dtype=np.int32), np.uint32(0))
     ref_tokens, ref_scores = jax.jit(lambda p, s: reference_search(graphdef, p, s, beam, max_steps, nbest, 0.6))(
         params, src)
     np.testing.assert_array_equal(tokens, ref_tokens)
@@ -133,3 +136,43 @@ def test_batch_plan_is_tight_and_complete(lengths, batch_tokens, multiple):
         assert rows >= len(chunk) and rows % multiple == 0
         assert rows < 2 * len(chunk) or rows <= multiple  # never more than twice its sentences
         assert len(chunk) == 1 or len(chunk) * length <= batch_tokens
+
+
+def test_cli_sampling_and_prefixes(trained_run, tmp_path):
+    from conftest import cli_here
+
+    src = tmp_path / "src.en"
+    src.write_text("A man is riding a bike .\nTwo dogs play in the snow .\nKids play .\n", encoding="utf-8")
+    run = ["translate", "--checkpoint", str(trained_run), "-i", str(src), "--no-progress"]
+
+    def out(*extra):
+        r = cli_here(*run, *extra)
+        assert r.returncode == 0, r.stderr.decode()
+        return r.stdout.decode().splitlines()
+
+    greedy = out("--beam", "1")
+    assert out("--sampling", "topk:1") == greedy  # top-1 sampling is greedy
+    draws = out("--sampling", "topp:0.95", "--temperature", "1.5", "--seed", "7", "--nbest", "4")
+    assert len(draws) == 3 * 4
+    assert out("--sampling", "topp:0.95", "--temperature", "1.5", "--seed", "7", "--nbest", "4") == draws
+    assert out("--sampling", "topp:0.95", "--temperature", "1.5", "--seed", "8", "--nbest", "4") != draws
+    scores = [float(line.split(" ||| ")[2]) for line in draws]
+    assert all(a >= b for a, b in zip(scores[:4], scores[1:4]))  # best draw first
+
+    prefixes = tmp_path / "prefix.de"
+    prefixes.write_text("Ein Hund\n\nZwei\n", encoding="utf-8")
+    for extra in (["--beam", "1"], ["--beam", "4", "--nbest", "2"]):
+        forced = out(*extra, "--prefix", str(prefixes))
+        free = out(*extra)
+        texts = [line.split(" ||| ")[1] if " ||| " in line else line for line in forced]
+        per_line = len(texts) // 3
+        for k, text in enumerate(texts):
+            assert text.startswith(["Ein Hund", "", "Zwei"][k // per_line]), text
+        assert forced[per_line : 2 * per_line] == free[per_line : 2 * per_line]  # an empty prefix changes nothing
+
+    short = tmp_path / "short.de"
+    short.write_text("Ein\n", encoding="utf-8")
+    for extra, fragment in ((["--prefix", str(short)], "fewer lines"), (["--sampling", "top:3"], "--sampling must")):
+        r = cli_here(*run, *extra)
+        err = r.stderr.decode().strip()
+        assert r.returncode == 2 and fragment in err and len(err.splitlines()) == 1, err

@@ -27,22 +27,38 @@ def length_penalty(length, alpha: float):
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-def _log_probs(tokens_to_logits, ids, cache, step, eos_id, max_lens):
-    """Next-token log-probs [N, V]; rows at their length limit may only emit EOS (at its own
-    log-prob, so a forced ending is scored like any other)."""
+def _prefix_token(prefix, prefix_lens, step):
+    """(forced [N] bool, token [N]) of a target prefix [N, P] at `step` (P may be 0)."""
+    if prefix is None or prefix.shape[1] == 0:
+        return None, None
+    token = jax.lax.dynamic_index_in_dim(prefix, jnp.minimum(step, prefix.shape[1] - 1), axis=1, keepdims=False)
+    return step < prefix_lens, token
+
+
+def _log_probs(tokens_to_logits, ids, cache, step, eos_id, max_lens, prefix=None, prefix_lens=None):
+    """Next-token log-probs [N, V]; rows at their length limit may only emit EOS and rows inside
+    their prefix only the prefix token (each at its own log-prob, so a forced token is scored like
+    any other)."""
     logits, cache = tokens_to_logits(ids, cache)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    force = (step + 1 >= max_lens)[:, None]  # [N, 1]
-    not_eos = jnp.arange(logp.shape[-1]) != eos_id  # [V]
-    return jnp.where(force & not_eos, NEG_INF, logp), cache
+    vocab = jnp.arange(logp.shape[-1])  # [V]
+    allowed = ~(step + 1 >= max_lens)[:, None] | (vocab == eos_id)  # [N, V]
+    forced, token = _prefix_token(prefix, prefix_lens, step)
+    if forced is not None:
+        allowed = jnp.where(forced[:, None], vocab == token[:, None], allowed)
+    return jnp.where(allowed, logp, NEG_INF), cache
 
 
 def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,
-                  pad_id: int = 0, max_lens=None):
+                  pad_id: int = 0, max_lens=None, prefix=None, prefix_lens=None, sampler=None, keys=None):
     """Returns (tokens int32 [batch, max_steps], scores float32 [batch]).
 
     tokens hold the generated ids (no BOS), the EOS where one was produced and pad after it;
-    scores are the summed log-probabilities of the generated tokens.
+    scores are the summed log-probabilities of the generated tokens under the model.
+    prefix [batch, P] with prefix_lens [batch]: tokens forced first (then the search is free).
+    sampler(logits [batch, V], keys [batch, 2]) -> ids draws the next token instead of the
+    argmax (see `make_sampler`), with per-row keys [batch, 2] folded with the step, so a row's
+    draws do not depend on the other rows in its batch.
     """
     max_lens = jnp.full((batch_size,), max_steps + 1, jnp.int32) if max_lens is None else max_lens
 
@@ -57,8 +73,14 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
         # as jax.nn.log_softmax does, so scores match beam search's bit for bit).
         shifted = logits.astype(jnp.float32) - jnp.max(logits, axis=-1, keepdims=True).astype(jnp.float32)
         log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))  # [B]
-        force = step + 1 >= max_lens
-        nxt = jnp.where(force, eos_id, jnp.argmax(shifted, axis=-1)).astype(jnp.int32)  # [B]
+        if sampler is None:
+            nxt = jnp.argmax(shifted, axis=-1)
+        else:
+            nxt = sampler(shifted, jax.vmap(jax.random.fold_in, (0, None))(keys, step))
+        nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
+        forced, token = _prefix_token(prefix, prefix_lens, step)
+        if forced is not None:
+            nxt = jnp.where(forced, token, nxt)
         logp = jnp.take_along_axis(shifted, nxt[:, None], axis=-1)[:, 0] - log_norm
         scores = scores + jnp.where(done, 0.0, logp)
         nxt = jnp.where(done, pad_id, nxt)
@@ -70,6 +92,31 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
             jnp.zeros((batch_size,), jnp.float32), cache)
     _, _, tokens, _, scores, _ = jax.lax.while_loop(cond, body, init)
     return tokens, scores
+
+
+def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """A `sampler` for greedy_search: draws from softmax(logits / temperature), restricted to the
+    top_k most likely tokens (0: all) and to the smallest set whose probability reaches top_p
+    (nucleus sampling, Holtzman et al., 2020; 1.0: all)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+    def sample(logits, keys):  # logits [N, V], keys [N, 2]
+        logits = logits / temperature
+        if top_k:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [N, 1]
+            logits = jnp.where(logits >= kth, logits, NEG_INF)
+        if top_p < 1.0:
+            ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [N, V] descending
+            probs = jax.nn.softmax(ordered, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+            # The smallest threshold whose tokens still start below top_p: the most likely
+            # token is always kept.
+            threshold = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+            logits = jnp.where(logits >= threshold, logits, NEG_INF)
+        return jax.vmap(jax.random.categorical)(keys, logits)
+
+    return sample
 
 
 def gather_beams(tree, parents):
@@ -86,8 +133,9 @@ def _take(x, indices):
 
 def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max_steps: int, bos_id: int,
                 eos_id: int, pad_id: int = 0, alpha: float = 0.6, max_lens=None, nbest: int = 1,
-                reorder_cache=gather_beams):
-    """cache holds batch * beam_size hypotheses (see the module docstring). Returns (tokens int32 [batch, nbest, max_steps], scores [batch, nbest], log_probs [batch, nbest]).
+                reorder_cache=gather_beams, prefix=None, prefix_lens=None):
+    """cache holds batch * beam_size hypotheses (see the module docstring); prefix [batch, P]
+    with prefix_lens [batch] are tokens every hypothesis starts with (forced). Returns (tokens int32 [batch, nbest, max_steps], scores [batch, nbest], log_probs [batch, nbest]).
 
     scores = log_probs / length_penalty(length incl. EOS, alpha), best first. Each step takes the
     top 2*beam extensions, so even when every alive beam ends at once, beam alive ones remain;
@@ -99,6 +147,8 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
     k2 = 2 * beam_size
     max_lens = jnp.full((batch_size,), max_steps, jnp.int32) if max_lens is None else jnp.minimum(max_lens, max_steps)
     beam_max_lens = jnp.repeat(max_lens, beam_size)  # [batch * beam]
+    if prefix is not None:
+        prefix, prefix_lens = jnp.repeat(prefix, beam_size, axis=0), jnp.repeat(prefix_lens, beam_size)
 
     alive_seq = jnp.full((batch_size, beam_size, max_steps), pad_id, jnp.int32)
     alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (beam_size - 1), jnp.float32), (batch_size, 1))
@@ -120,7 +170,8 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
 
     def body(carry):
         step, last, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, cache = carry
-        logp, cache = _log_probs(tokens_to_logits, last, cache, step, eos_id, beam_max_lens)  # [batch*beam, V]
+        logp, cache = _log_probs(tokens_to_logits, last, cache, step, eos_id, beam_max_lens,
+                                 prefix, prefix_lens)  # [batch*beam, V]
         vocab = logp.shape[-1]
         cand = alive_logp[:, :, None] + logp.reshape(batch_size, beam_size, vocab)  # [batch, beam, V]
         top_logp, top_idx = jax.lax.top_k(cand.reshape(batch_size, -1), k2)  # [batch, 2*beam]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -43,6 +44,23 @@ class SearchSettings:
     max_len_cap: int
     batch_tokens: int
     nbest: int = 1
+    sampling: str = ""  # "" (search), "topk:K" or "topp:P"; draws nbest samples per sentence
+    temperature: float = 1.0  # sampling only
+    seed: int = 0  # sampling only: the same seed draws the same samples
+
+    def sampler_args(self) -> tuple[int, float] | None:
+        """(top_k, top_p) when sampling, else None."""
+        if not self.sampling:
+            return None
+        kind, _, value = self.sampling.partition(":")
+        try:
+            if kind == "topk" and int(value) >= 1:
+                return int(value), 1.0
+            if kind == "topp" and 0.0 < float(value) <= 1.0:
+                return 0, float(value)
+        except ValueError:
+            pass
+        raise ConfigError(f"--sampling must be topk:K (K >= 1) or topp:P (0 < P <= 1), got {self.sampling!r}")
 
     def max_steps(self, src_len: int) -> int:
         """Output length limit for a source of src_len tokens: a * src_len + b, capped."""
@@ -57,33 +75,63 @@ def settings_from(cfg: Config, **overrides) -> SearchSettings:
     s = SearchSettings(**base)
     if s.beam_size < 1:
         raise ConfigError(f"beam size must be >= 1, got {s.beam_size}")
-    if not 1 <= s.nbest <= s.beam_size:
+    if s.sampling:
+        s.sampler_args()  # validates
+        if s.temperature <= 0:
+            raise ConfigError(f"--temperature must be positive, got {s.temperature}")
+        if s.nbest < 1:
+            raise ConfigError(f"--nbest must be >= 1, got {s.nbest}")
+    elif not 1 <= s.nbest <= s.beam_size:
         raise ConfigError(f"--nbest ({s.nbest}) must be between 1 and the beam size ({s.beam_size})")
     if s.batch_tokens < 1:
         raise ConfigError("--batch-tokens must be positive")
     return s
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int):
-    """jit(encode + search) for one model structure and search setting, shared by every Translator
-    in the process (validation BLEU during training, then `translate`)."""
+def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
+                    sampler: tuple[float, int, float] | None = None):
+    """jit(encode + search); see _compiled_search (one cache key however the arguments are passed)."""
+    return _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler)
 
-    def search(params, src, max_lens):
+
+@functools.lru_cache(maxsize=64)
+def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
+                     sampler: tuple[float, int, float] | None):
+    """jit(encode + search) for one model structure and search setting, shared by every Translator
+    in the process (validation BLEU during training, then `translate`).
+
+    The program takes (params, src [B, S], max_lens [B], prefix [B, P], prefix_lens [B], row_ids
+    [B], seed); prefix (P may be 0) holds target tokens forced first; row_ids and seed give each
+    sentence its own random stream when sampling (temperature, top_k, top_p = sampler): nbest
+    draws per sentence, best first.
+    """
+
+    def search(params, src, max_lens, prefix, prefix_lens, row_ids, seed):
         model = nnx.merge(graphdef, params)
+        prefix = prefix if prefix.shape[1] else None
+        if sampler is not None:  # nbest independent draws: one row each
+            src, max_lens, prefix_lens, prefix = (None if x is None else jnp.repeat(x, nbest, axis=0)
+                                                  for x in (src, max_lens, prefix_lens, prefix))
+            base = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_ids)
+            keys = jax.vmap(jax.random.fold_in)(jnp.repeat(base, nbest), jnp.tile(jnp.arange(nbest), row_ids.shape[0]))
         encoded, src_mask = model.encode(src)  # [B, S, D], [B, S]
         cross = model.cross_state(encoded, src_mask)  # once per sentence, shared by its beams
         batch = src.shape[0]
-        cache = model.init_cache(batch, beam_size, max_steps)
+        cache = model.init_cache(batch, beam_size if sampler is None else 1, max_steps)
         step = functools.partial(model.decode_step, cross=cross)
+        kw = dict(max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_lens=max_lens,
+                  prefix=prefix, prefix_lens=prefix_lens)
+        if sampler is not None:
+            tokens, scores = decode_lib.greedy_search(step, cache, batch_size=batch, sampler=decode_lib.make_sampler(
+                *sampler), keys=jax.random.key_data(keys), **kw)
+            tokens, scores = tokens.reshape(-1, nbest, max_steps), scores.reshape(-1, nbest)
+            scores, order = jax.lax.top_k(scores, nbest)  # best draw first
+            return jnp.take_along_axis(tokens, order[:, :, None], axis=1), scores
         if beam_size == 1:
-            tokens, scores = decode_lib.greedy_search(
-                step, cache, batch_size=batch, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-                max_lens=max_lens)
+            tokens, scores = decode_lib.greedy_search(step, cache, batch_size=batch, **kw)
             return tokens[:, None, :], scores[:, None]
-        tokens, scores, _ = decode_lib.beam_search(
-            step, cache, batch_size=batch, beam_size=beam_size, max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_id=PAD_ID, alpha=alpha, max_lens=max_lens, nbest=nbest, reorder_cache=model.reorder_cache)
+        tokens, scores, _ = decode_lib.beam_search(step, cache, batch_size=batch, beam_size=beam_size, alpha=alpha,
+                                                   nbest=nbest, reorder_cache=model.reorder_cache, **kw)
         return tokens, scores
 
     return jax.jit(search)
@@ -106,27 +154,47 @@ class Translator:
         return ids[: limit - 1] + [EOS_ID]
 
     def translate_ids(self, params, sources: Sequence[list[int]], settings: SearchSettings,
-                      progress: bool = False) -> list[list[tuple[list[int], float]]]:
-        """n-best (ids, score) lists for source id lists (each ending in EOS); empty sources give []."""
+                      progress: bool = False, prefixes: Sequence[list[int]] | None = None,
+                      first_index: int = 0) -> list[list[tuple[list[int], float]]]:
+        """n-best (ids, score) lists for source id lists (each ending in EOS); empty sources give [].
+
+        prefixes: target ids each output must start with (forced; the length limit grows by them).
+        first_index: the first source's number in the whole input, which seeds its samples, so a
+        sentence draws the same samples whatever batch or chunk it lands in.
+        """
         results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
         sources = [self._fit(list(s)) for s in sources]
+        prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in sources]
         todo = [i for i, s in enumerate(sources) if len(s) > 1]
         todo.sort(key=lambda i: len(sources[i]))
         batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
                                sharding.data_size(self.mesh))
-        batches = [(length, rows, [todo[k] for k in chunk]) for length, rows, chunk in batches]
+        sampler = settings.sampler_args()
+        sampler = None if sampler is None else (float(settings.temperature), *sampler)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
         for length, rows, chunk in batches:
+            chunk = [todo[k] for k in chunk]
+            longest_prefix = max(len(prefixes[i]) for i in chunk)
+            width = _next_power_of_two(longest_prefix) if longest_prefix else 0  # few program shapes
             src = np.full((rows, length), PAD_ID, np.int32)
             max_lens = np.ones((rows,), np.int32)  # all-pad filler rows stop at once
+            prefix = np.full((rows, width), PAD_ID, np.int32)
+            prefix_lens = np.zeros((rows,), np.int32)
+            row_ids = np.zeros((rows,), np.int32)
             for r, i in enumerate(chunk):
                 src[r, : len(sources[i])] = sources[i]
-                max_lens[r] = settings.max_steps(len(sources[i]))
-            max_steps = settings.max_steps(length)
-            fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest, max_steps)
-            batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens})
-            tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"]))
+                prefix[r, : len(prefixes[i])] = prefixes[i]
+                prefix_lens[r] = len(prefixes[i])
+                max_lens[r] = settings.max_steps(len(sources[i])) + len(prefixes[i])
+                row_ids[r] = first_index + i
+            max_steps = settings.max_steps(length) + width
+            fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest, max_steps,
+                                 sampler)
+            batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
+                                                   "prefix_lens": prefix_lens, "row_ids": row_ids})
+            tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"], batch["prefix"],
+                                               batch["prefix_lens"], batch["row_ids"], np.uint32(settings.seed)))
             for r, i in enumerate(chunk):
                 results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
             bar.update(len(chunk))
@@ -213,15 +281,18 @@ def one_line(text: str) -> str:
 def _settings_from_args(cfg: Config, args) -> SearchSettings:
     return settings_from(cfg, beam_size=args.beam, alpha=args.alpha, max_len_a=args.max_len_a,
                          max_len_b=args.max_len_b, batch_tokens=args.batch_tokens,
-                         nbest=getattr(args, "nbest", 1))
+                         nbest=getattr(args, "nbest", 1), sampling=args.sampling, temperature=args.temperature,
+                         seed=args.seed)
 
 
 MAX_LINE_WARNINGS = 10
 
 
 def translate_lines(translator: Translator, params, lines: Sequence[str], settings: SearchSettings,
-                    progress: bool, name: str = "input", first_line: int = 1) -> list[list[tuple[str, float]]]:
+                    progress: bool, name: str = "input", first_line: int = 1,
+                    prefixes: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
     """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)].
+    prefixes: target text each translation starts with (one per line; "" for none).
 
     A line longer than the largest bucket is translated from its first tokens, with a warning
     naming it (the first MAX_LINE_WARNINGS; `translator.truncated` counts them all).
@@ -236,7 +307,9 @@ def translate_lines(translator: Translator, params, lines: Sequence[str], settin
                 more = " (further long lines are only counted)" if translator.truncated == MAX_LINE_WARNINGS else ""
                 warn(f"{name} line {n}: {len(seq)} tokens, longer than the model's {limit}; "
                      f"translated from its first {limit - 1}{more}")
-    results = translator.translate_ids(params, ids, settings, progress)
+    prefix_ids = None if prefixes is None else translator.tok.encode_tgt([clean_line(p) for p in prefixes])
+    results = translator.translate_ids(params, ids, settings, progress, prefixes=prefix_ids,
+                                       first_index=first_line - 1)
     out = []
     for hyps in results:
         if not hyps:
@@ -247,17 +320,20 @@ def translate_lines(translator: Translator, params, lines: Sequence[str], settin
     return out
 
 
-def _format(index: int, hyps: list[tuple[str, float]], nbest: int) -> list[str]:
-    if nbest == 1:
-        return [hyps[0][0]]
-    return [f"{index} ||| {text} ||| {score:.4f}" for text, score in hyps]
+def _format(index: int, hyps: list[tuple[str, float]], nbest: int, alignments: list[str] | None = None) -> list[str]:
+    """The output lines of one input line; with alignments, each line ends in ' ||| ' + its alignment."""
+    lines = [hyps[0][0]] if nbest == 1 else [f"{index} ||| {text} ||| {score:.4f}" for text, score in hyps]
+    if alignments is not None:
+        lines = [f"{line} ||| {a}" for line, a in zip(lines, alignments)]
+    return lines
 
 
 def translate_command(args) -> int:
     cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, args.last)
     translator = Translator(cfg, graphdef, tok, mesh)
     n_lines = translate_stream(translator, params, _settings_from_args(cfg, args), args.input, args.output,
-                               args.buffer_lines, progress=not args.no_progress)
+                               args.buffer_lines, progress=not args.no_progress, prefix=args.prefix,
+                               alignment=args.alignment)
     print(f"translated {n_lines} line(s) with checkpoint step {step}", file=sys.stderr)
     return 0
 
@@ -266,15 +342,20 @@ FILE_CHUNK_LINES = 20000  # lines of a file sorted and decoded together: plenty 
 
 
 def translate_stream(translator: Translator, params, settings: SearchSettings, input: str, output: str,
-                     buffer_lines: int = 0, progress: bool = False) -> int:
+                     buffer_lines: int = 0, progress: bool = False, prefix: str | None = None,
+                     alignment: bool = False) -> int:
     """Translates file or stdin ('-') `input` into `output`; returns the number of input lines.
 
     The input is read and translated in chunks of buffer_lines (default: one line from a
     terminal, 2000 from a pipe, FILE_CHUNK_LINES from a file), so memory stays bounded whatever
     its length and a pipe gets its lines back as it goes. Each chunk is sorted by length inside
     and written back in input order. A file output is written to a temporary file and renamed
-    once every line is translated, so a failed run never leaves half a file.
+    once every line is translated, so a failed run never leaves half a file. `prefix` names a
+    file of target prefixes read in step with the input (same number of lines). `alignment` appends
+    each hypothesis' word alignment (alignment.py).
     """
+    from transformer_mt.alignment import align_hypotheses  # imports this module
+
     translator.truncated = 0
     if not buffer_lines:
         buffer_lines = FILE_CHUNK_LINES if input != "-" else (1 if sys.stdin.isatty() else 2000)
@@ -284,15 +365,24 @@ def translate_stream(translator: Translator, params, settings: SearchSettings, i
     head = next(chunks, None)  # a missing or unreadable input fails here, before any output exists
     with open_output(output) as out:
         bar = tqdm(disable=not progress, desc="translate", unit="line", dynamic_ncols=True, file=sys.stderr)
+        prefix_chunks = iter_line_chunks(prefix, buffer_lines) if prefix else None
         for first, lines in itertools.chain([head] if head else [], chunks):
+            prefixes = None
+            if prefix_chunks is not None:
+                prefixes = next(prefix_chunks, (first, []))[1]
+                if len(prefixes) != len(lines):
+                    raise ConfigError(f"--prefix {prefix} has fewer lines than {name} (line {first + len(prefixes)})")
             results = translate_lines(translator, params, lines, settings, progress=False, name=name,
-                                      first_line=first)
-            out.write("".join("\n".join(_format(n_lines + k, hyps, settings.nbest)) + "\n"
+                                      first_line=first, prefixes=prefixes)
+            aligned = align_hypotheses(translator, params, lines, results) if alignment else [None] * len(results)
+            out.write("".join("\n".join(_format(n_lines + k, hyps, settings.nbest, aligned[k])) + "\n"
                               for k, hyps in enumerate(results)))
             out.flush()
             n_lines += len(lines)
             bar.update(len(lines))
         bar.close()
+        if prefix_chunks is not None and next(prefix_chunks, None) is not None:
+            raise ConfigError(f"--prefix {prefix} has more lines than {name} ({n_lines})")
     if translator.truncated:
         warn(f"{translator.truncated} of {n_lines} line(s) were longer than {translator.buckets[-1]} tokens "
              "and translated from their beginning (raise data.bucket_lengths in training for longer inputs)")
