@@ -134,7 +134,9 @@ def test_batch_plan_is_tight_and_complete(lengths, batch_tokens, multiple):
     for length, rows, chunk in plan:
         assert all(lengths[i] <= length for i in chunk) and length in buckets
         assert rows >= len(chunk) and rows % multiple == 0
-        assert rows < 2 * len(chunk) or rows <= multiple  # never more than twice its sentences
+        assert rows == -(-tr.row_bucket(len(chunk)) // multiple) * multiple
+        if multiple == 1:
+            assert 3 * (rows - len(chunk)) <= rows  # at most a third of a batch is padding
         assert len(chunk) == 1 or len(chunk) * length <= batch_tokens
 
 

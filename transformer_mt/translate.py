@@ -214,15 +214,22 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def row_bucket(n: int) -> int:
+    """Rows for n sentences: the next power of two or 1.5 times a power of two (1, 2, 3, 4, 6, 8,
+    12, 16, 24, ...): at most a third of a batch is padding, with two shapes per doubling."""
+    p = _next_power_of_two(n)
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
 def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: int,
                  row_multiple: int = 1) -> list[tuple[int, int, list[int]]]:
     """Splits length-sorted sentences into (source length, rows, positions in `lengths`) batches.
 
     A batch takes the next sentences while their padded source tokens (count x the bucket of its
-    longest) stay within batch_tokens. Its rows are the sentence count rounded up to a power of
-    two (and to a multiple of the data-parallel size), so a small input is not decoded at the
-    size of a full batch, no batch holds more than twice its sentences, and the compiled shapes
-    stay few: at most one per (bucket, power of two).
+    longest) stay within batch_tokens. Its rows are the sentence count rounded up by `row_bucket`
+    (and to a multiple of the data-parallel size), so a small input is not decoded at the size of
+    a full batch, at most a third of a batch is padding, and the compiled shapes stay few: at
+    most two per (bucket, doubling of the row count).
     """
     batches, start = [], 0
     while start < len(lengths):
@@ -232,7 +239,7 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: i
             if (end + 1 - start) * longer > batch_tokens:
                 break
             end, length = end + 1, longer
-        rows = _next_power_of_two(end - start)
+        rows = row_bucket(end - start)
         rows = -(-rows // row_multiple) * row_multiple
         batches.append((length, rows, list(range(start, end))))
         start = end
