@@ -23,8 +23,6 @@ import time
 
 import jax
 
-from transformer_mt import compile_cache
-from transformer_mt import data as data_lib
 from transformer_mt import translate as tr
 from transformer_mt.textio import read_lines
 
@@ -87,7 +85,12 @@ def main() -> None:
     p.add_argument("--json-out", help="also write the figures here")
     args = p.parse_args()
 
-    compile_cache.enable(disabled=not args.compile_cache)
+    try:
+        from transformer_mt import compile_cache
+    except ImportError:  # code from before the cache (to measure it beside today's)
+        compile_cache = None
+    if compile_cache is not None:
+        compile_cache.enable(disabled=not args.compile_cache)
     counter = CompileCounter()
     cfg, graphdef, params, tok, step, mesh = tr.load_run(args.checkpoint)
     source = args.source or cfg.data.test_files[0]

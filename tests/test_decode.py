@@ -261,3 +261,18 @@ def test_forced_prefix_starts_every_hypothesis(beam):
     np.testing.assert_array_equal(tokens[2], free[2])  # an empty prefix changes nothing
     np.testing.assert_allclose(scores[2], free_scores[2], rtol=1e-6)
     assert not np.array_equal(tokens[0], free[0])  # a real prefix does change the search
+
+
+def test_banned_ids_are_never_emitted_but_scores_stay_model_log_probs():
+    logp = np.full((V, V), -30.0, np.float32)
+    logp[:, PAD] = np.log(0.7)  # padding is the most likely token everywhere
+    logp[:, [EOS, 4]] = np.log([0.1, 0.2])
+    table = jnp.asarray(logp)
+    fn = lambda ids, c: (table[ids], c)  # noqa: E731
+    tokens, score = greedy_search(fn, init_cache(1), batch_size=1, max_steps=3, bos_id=BOS, eos_id=EOS,
+                                  banned_ids=(PAD, BOS))
+    assert strip(tokens[0]) == [4, 4, EOS]  # the best allowed token, then EOS at the limit
+    np.testing.assert_allclose(score[0], np.log(0.2) * 2 + np.log(0.1), rtol=1e-5)
+    btoks, _, blogp = beam_search(fn, expand_to_beams(init_cache(1), 2), batch_size=1, beam_size=2, max_steps=3,
+                                  bos_id=BOS, eos_id=EOS, alpha=0.0, banned_ids=(PAD, BOS))
+    assert PAD not in strip(btoks[0, 0])[:-1] and strip(btoks[0, 0])[-1] == EOS

@@ -53,11 +53,12 @@ def reference_search(graphdef, params, src, beam, max_steps, nbest, alpha):
     max_lens = jnp.full((batch,), max_steps, jnp.int32)
     if beam == 1:
         tokens, scores = decode_lib.greedy_search(tokens_to_logits, cache, batch_size=batch, max_steps=max_steps,
-                                                  bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_lens=max_lens)
+                                                  bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_lens=max_lens,
+                                                  banned_ids=(PAD_ID, BOS_ID))
         return tokens[:, None], scores[:, None]
     tokens, scores, _ = decode_lib.beam_search(tokens_to_logits, cache, batch_size=batch, beam_size=beam,
                                                max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-                                               alpha=alpha, nbest=nbest, max_lens=max_lens)
+                                               alpha=alpha, nbest=nbest, max_lens=max_lens, banned_ids=(PAD_ID, BOS_ID))
     return tokens, scores
 
 

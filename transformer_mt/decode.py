@@ -35,14 +35,22 @@ def _prefix_token(prefix, prefix_lens, step):
     return step < prefix_lens, token
 
 
-def _log_probs(tokens_to_logits, ids, cache, step, eos_id, max_lens, prefix=None, prefix_lens=None):
+def _banned(vocab_size: int, banned_ids):
+    """bool [V]: True for ids the search may never emit (e.g. padding, BOS)."""
+    return jnp.isin(jnp.arange(vocab_size), jnp.asarray(banned_ids, jnp.int32)) if banned_ids else None
+
+
+def _log_probs(tokens_to_logits, ids, cache, step, eos_id, max_lens, prefix=None, prefix_lens=None, banned_ids=()):
     """Next-token log-probs [N, V]; rows at their length limit may only emit EOS and rows inside
     their prefix only the prefix token (each at its own log-prob, so a forced token is scored like
-    any other)."""
+    any other); banned ids are never emitted."""
     logits, cache = tokens_to_logits(ids, cache)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     vocab = jnp.arange(logp.shape[-1])  # [V]
     allowed = ~(step + 1 >= max_lens)[:, None] | (vocab == eos_id)  # [N, V]
+    banned = _banned(logp.shape[-1], banned_ids)
+    if banned is not None:
+        allowed = allowed & ~banned
     forced, token = _prefix_token(prefix, prefix_lens, step)
     if forced is not None:
         allowed = jnp.where(forced[:, None], vocab == token[:, None], allowed)
@@ -50,7 +58,8 @@ def _log_probs(tokens_to_logits, ids, cache, step, eos_id, max_lens, prefix=None
 
 
 def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,
-                  pad_id: int = 0, max_lens=None, prefix=None, prefix_lens=None, sampler=None, keys=None):
+                  pad_id: int = 0, max_lens=None, prefix=None, prefix_lens=None, sampler=None, keys=None,
+                  banned_ids=()):
     """Returns (tokens int32 [batch, max_steps], scores float32 [batch]).
 
     tokens hold the generated ids (no BOS), the EOS where one was produced and pad after it;
@@ -58,7 +67,8 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
     prefix [batch, P] with prefix_lens [batch]: tokens forced first (then the search is free).
     sampler(logits [batch, V], keys [batch, 2]) -> ids draws the next token instead of the
     argmax (see `make_sampler`), with per-row keys [batch, 2] folded with the step, so a row's
-    draws do not depend on the other rows in its batch.
+    draws do not depend on the other rows in its batch. banned_ids (e.g. padding and BOS) are
+    never chosen; scores stay the model's log-probabilities.
     """
     max_lens = jnp.full((batch_size,), max_steps + 1, jnp.int32) if max_lens is None else max_lens
 
@@ -73,10 +83,12 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
         # as jax.nn.log_softmax does, so scores match beam search's bit for bit).
         shifted = logits.astype(jnp.float32) - jnp.max(logits, axis=-1, keepdims=True).astype(jnp.float32)
         log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))  # [B]
+        banned = _banned(shifted.shape[-1], banned_ids)
+        choosable = shifted if banned is None else jnp.where(banned, -jnp.inf, shifted)
         if sampler is None:
-            nxt = jnp.argmax(shifted, axis=-1)
+            nxt = jnp.argmax(choosable, axis=-1)
         else:
-            nxt = sampler(shifted, jax.vmap(jax.random.fold_in, (0, None))(keys, step))
+            nxt = sampler(choosable, jax.vmap(jax.random.fold_in, (0, None))(keys, step))
         nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
         forced, token = _prefix_token(prefix, prefix_lens, step)
         if forced is not None:
@@ -133,9 +145,10 @@ def _take(x, indices):
 
 def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max_steps: int, bos_id: int,
                 eos_id: int, pad_id: int = 0, alpha: float = 0.6, max_lens=None, nbest: int = 1,
-                reorder_cache=gather_beams, prefix=None, prefix_lens=None):
+                reorder_cache=gather_beams, prefix=None, prefix_lens=None, banned_ids=()):
     """cache holds batch * beam_size hypotheses (see the module docstring); prefix [batch, P]
-    with prefix_lens [batch] are tokens every hypothesis starts with (forced). Returns (tokens int32 [batch, nbest, max_steps], scores [batch, nbest], log_probs [batch, nbest]).
+    with prefix_lens [batch] are tokens every hypothesis starts with (forced); banned_ids are
+    never emitted. Returns (tokens int32 [batch, nbest, max_steps], scores [batch, nbest], log_probs [batch, nbest]).
 
     scores = log_probs / length_penalty(length incl. EOS, alpha), best first. Each step takes the
     top 2*beam extensions, so even when every alive beam ends at once, beam alive ones remain;
@@ -171,7 +184,7 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
     def body(carry):
         step, last, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, cache = carry
         logp, cache = _log_probs(tokens_to_logits, last, cache, step, eos_id, beam_max_lens,
-                                 prefix, prefix_lens)  # [batch*beam, V]
+                                 prefix, prefix_lens, banned_ids)  # [batch*beam, V]
         vocab = logp.shape[-1]
         cand = alive_logp[:, :, None] + logp.reshape(batch_size, beam_size, vocab)  # [batch, beam, V]
         top_logp, top_idx = jax.lax.top_k(cand.reshape(batch_size, -1), k2)  # [batch, 2*beam]

@@ -120,7 +120,7 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
         cache = model.init_cache(batch, beam_size if sampler is None else 1, max_steps)
         step = functools.partial(model.decode_step, cross=cross)
         kw = dict(max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_lens=max_lens,
-                  prefix=prefix, prefix_lens=prefix_lens)
+                  prefix=prefix, prefix_lens=prefix_lens, banned_ids=(PAD_ID, BOS_ID))  # never valid output
         if sampler is not None:
             tokens, scores = decode_lib.greedy_search(step, cache, batch_size=batch, sampler=decode_lib.make_sampler(
                 *sampler), keys=jax.random.key_data(keys), **kw)
