@@ -270,7 +270,7 @@ def test_banned_ids_are_never_emitted_but_scores_stay_model_log_probs():
     table = jnp.asarray(logp)
     fn = lambda ids, c: (table[ids], c)  # noqa: E731
     tokens, score = greedy_search(fn, init_cache(1), batch_size=1, max_steps=3, bos_id=BOS, eos_id=EOS,
-                                  banned_ids=(PAD, BOS))
+                                  banned_ids=(PAD, BOS), max_lens=jnp.array([3]))
     assert strip(tokens[0]) == [4, 4, EOS]  # the best allowed token, then EOS at the limit
     np.testing.assert_allclose(score[0], np.log(0.2) * 2 + np.log(0.1), rtol=1e-5)
     btoks, _, blogp = beam_search(fn, expand_to_beams(init_cache(1), 2), batch_size=1, beam_size=2, max_steps=3,
