@@ -1,4 +1,5 @@
-"""Command line: `transformer-mt train | translate | evaluate | score | average | plot`. Argument parsing only.
+"""Command line: `transformer-mt train | translate | evaluate | score | average | plot | attention`.
+Argument parsing only.
 
 User errors (bad config, missing files, bad checkpoints) end with one line on stderr and a
 non-zero exit code, never a traceback.
@@ -59,6 +60,10 @@ def _add_translate(sub) -> None:
     add_decode_arguments(p)
     p.add_argument("--nbest", type=int, default=1,
                    help="write the N best hypotheses per line as 'index ||| hypothesis ||| score' lines")
+    p.add_argument("--alignment", action="store_true",
+                   help="append ' ||| ' and a word alignment to every output line: 'i-j' pairs (source word i, "
+                   "output word j; words split at whitespace, counted from 0), one per output word, naming the "
+                   "source word it attends to most in the last decoder layer's cross-attention (mean over heads)")
     p.add_argument("--buffer-lines", type=int, default=0,
                    help="lines read from stdin before translating a chunk (default: 1 on a terminal, 2000 otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -142,6 +147,27 @@ def _add_plot(sub) -> None:
     p.add_argument("-o", "--output", default="curves.png", help="image file: .png, .pdf or .svg (default: curves.png)")
 
 
+def _add_attention(sub) -> None:
+    p = sub.add_parser(
+        "attention",
+        help="draw a sentence's attention weights (every layer and head) into an image",
+        description="Draw the cross-attention weights of every decoder layer and head for one sentence, as a grid "
+        "of heatmaps (rows: layers, columns: heads; source pieces across, target pieces down), over the model's "
+        "greedy translation or --tgt. Row t is the decoder step that outputs target piece t. "
+        "Needs matplotlib: pip install 'transformer_mt[plot]'.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="run directory written by `train` or `average`")
+    p.add_argument("--src", required=True, metavar="TEXT", help="source sentence")
+    p.add_argument("--tgt", metavar="TEXT", help="target sentence to force (default: the model's greedy translation)")
+    p.add_argument("--self", dest="self_attention", action="store_true",
+                   help="also draw encoder and decoder self-attention")
+    p.add_argument("--step", type=int, help="checkpoint step (default: best, else last)")
+    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
+    p.add_argument("-o", "--output", default="attention.png",
+                   help="image file: .png, .pdf or .svg (default: attention.png)")
+
+
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", metavar="DIR",
                    help="persistent cache of compiled programs and trained tokenizers, so the next run of the "
@@ -154,16 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-mt",
         description="Transformer neural machine translation in JAX/Flax: train, translate, evaluate, score, "
-        "average checkpoints, plot training curves.",
+        "average checkpoints, plot training curves and attention.",
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,translate,evaluate,score,average,plot}")
+                                metavar="{train,translate,evaluate,score,average,plot,attention}")
     _add_train(sub)
     _add_translate(sub)
     _add_evaluate(sub)
     _add_score(sub)
     _add_average(sub)
     _add_plot(sub)
+    _add_attention(sub)
     for name, p in sub.choices.items():
         if name not in ("average", "plot"):  # these compile nothing
             add_cache_arguments(p)
@@ -219,8 +246,14 @@ def run_plot(args) -> int:
     return plot_command(args)
 
 
+def run_attention(args) -> int:
+    from transformer_mt.attention import attention_command
+
+    return attention_command(args)
+
+
 COMMANDS = {"train": run_train, "translate": run_translate, "evaluate": run_evaluate, "score": run_score,
-            "average": run_average, "plot": run_plot}
+            "average": run_average, "plot": run_plot, "attention": run_attention}
 
 
 def main(argv: list[str] | None = None) -> int:

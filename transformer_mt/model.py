@@ -49,19 +49,22 @@ def apply_rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def dot_product_attention(q, k, v, mask, dropout_rate: float = 0.0, rngs: nnx.Rngs | None = None):
+def dot_product_attention(q, k, v, mask, dropout_rate: float = 0.0, rngs: nnx.Rngs | None = None,
+                          return_weights: bool = False):
     """softmax(q k^T / sqrt(K)) v with the softmax in float32.
 
-    q [B, Tq, H, K], k/v [B, Tk, H, K], mask bool broadcastable to [B, H, Tq, Tk].
+    q [B, Tq, H, K], k/v [B, Tk, H, K], mask bool broadcastable to [B, H, Tq, Tk]. With
+    return_weights, also the float32 weights [B, H, Tq, Tk] (before dropout), for inspection.
     """
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(q.shape[-1])
     logits = jnp.where(mask, logits, NEG_INF)
-    weights = jax.nn.softmax(logits, axis=-1)
+    probs = weights = jax.nn.softmax(logits, axis=-1)
     if rngs is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(rngs.dropout(), 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhqt,bthk->bqhk", weights.astype(v.dtype), v)
+    out = jnp.einsum("bhqt,bthk->bqhk", weights.astype(v.dtype), v)
+    return (out, probs) if return_weights else out
 
 
 def dropout(x, rate: float, rngs: nnx.Rngs | None):
@@ -110,8 +113,9 @@ class Attention(nnx.Module):
         return self.split_heads(self.key(x)), self.split_heads(self.value(x))
 
     def attend(self, q, k, v, mask, rngs):
-        out = dot_product_attention(q, k, v, mask, self.dropout_rate, rngs)  # [B, Tq, H, K]
-        return self.out(out.reshape(out.shape[:-2] + (-1,)))
+        """-> (output [B, Tq, D], weights [B, H, Tq, Tk]); the weights cost nothing unless used."""
+        out, weights = dot_product_attention(q, k, v, mask, self.dropout_rate, rngs, return_weights=True)
+        return self.out(out.reshape(out.shape[:-2] + (-1,))), weights
 
     def attend_cached(self, q, k, v, mask):
         out = heads_major_attention(q, k, v, mask)  # [B, Q, H, K]
@@ -150,15 +154,20 @@ class EncoderLayer(nnx.Module):
         self.ffn_block = Residual(cfg, dtype, rngs)
         self.rotary = cfg.positional == "rotary"
 
-    def __call__(self, x, mask, positions, rngs):
+    def __call__(self, x, mask, positions, rngs, return_weights: bool = False):
+        """x [B, S, D] -> x, or (x, self-attention weights [B, H, S, S]) with return_weights."""
+        weights = {}
+
         def self_attention(h):
             q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)
             if self.rotary:
                 q, k = apply_rotary(q, positions), apply_rotary(k, positions)
-            return self.self_attn.attend(q, k, v, mask, rngs)
+            out, weights["self"] = self.self_attn.attend(q, k, v, mask, rngs)
+            return out
 
         x = self.attn_block(x, self_attention, rngs)
-        return self.ffn_block(x, lambda h: self.ffn(h, rngs), rngs)
+        x = self.ffn_block(x, lambda h: self.ffn(h, rngs), rngs)
+        return (x, weights["self"]) if return_weights else x
 
 
 class DecoderLayer(nnx.Module):
@@ -171,21 +180,28 @@ class DecoderLayer(nnx.Module):
         self.ffn_block = Residual(cfg, dtype, rngs)
         self.rotary = cfg.positional == "rotary"
 
-    def __call__(self, x, self_mask, cross_kv, cross_mask, positions, rngs):
-        """Teacher forcing: x [B, T, D] attends to itself under self_mask and to cross_kv."""
+    def __call__(self, x, self_mask, cross_kv, cross_mask, positions, rngs, return_weights: bool = False):
+        """Teacher forcing: x [B, T, D] attends to itself under self_mask and to cross_kv.
+
+        With return_weights: (x, (self weights [B, H, T, T], cross weights [B, H, T, S])).
+        """
+        weights = {}
 
         def self_attention(h):
             q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)
             if self.rotary:
                 q, k = apply_rotary(q, positions), apply_rotary(k, positions)
-            return self.self_attn.attend(q, k, v, self_mask, rngs)
+            out, weights["self"] = self.self_attn.attend(q, k, v, self_mask, rngs)
+            return out
 
         def cross_attention(h):
-            return self.cross_attn.attend(self.cross_attn.project_q(h), *cross_kv, cross_mask, rngs)
+            out, weights["cross"] = self.cross_attn.attend(self.cross_attn.project_q(h), *cross_kv, cross_mask, rngs)
+            return out
 
         x = self.self_block(x, self_attention, rngs)
         x = self.cross_block(x, cross_attention, rngs)
-        return self.ffn_block(x, lambda h: self.ffn(h, rngs), rngs)
+        x = self.ffn_block(x, lambda h: self.ffn(h, rngs), rngs)
+        return (x, (weights["self"], weights["cross"])) if return_weights else x
 
     def step(self, x, cache, offset, self_mask, cross_k, cross_v, cross_mask, positions):
         """Incremental decoding of x [B, N, D] (N hypotheses per sentence, all at one position):
@@ -249,33 +265,44 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ entry points
 
-    def encode(self, src, rngs: nnx.Rngs | None = None, src_mask=None):
+    def encode(self, src, rngs: nnx.Rngs | None = None, src_mask=None, return_weights: bool = False):
         """src [B, S] -> (encoded [B, S, D], src_mask bool [B, S]). Dropout only when rngs given.
 
         src_mask defaults to src != PAD_ID; positions outside it are never attended to.
+        return_weights adds a third item: each layer's self-attention weights [B, H, S, S].
         """
         if src_mask is None:
             src_mask = src != PAD_ID
         positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
         x = self._embed(self.src_embed, src, positions, rngs)
         attn_mask = src_mask[:, None, None, :]  # [B, 1, 1, S]
+        weights = []
         for layer in self.encoder_layers:
-            x = layer(x, attn_mask, positions, rngs)
+            x, w = layer(x, attn_mask, positions, rngs, return_weights=True)
+            weights.append(w)
         if self.encoder_norm is not None:
             x = self.encoder_norm(x)
-        return x, src_mask
+        return (x, src_mask, tuple(weights)) if return_weights else (x, src_mask)
 
-    def decode(self, tgt_in, encoded, src_mask, rngs: nnx.Rngs | None = None):
-        """Teacher forcing: tgt_in [B, T] -> float32 logits [B, T, V]; position t sees tgt_in[:, :t+1]."""
+    def decode(self, tgt_in, encoded, src_mask, rngs: nnx.Rngs | None = None, return_weights: bool = False):
+        """Teacher forcing: tgt_in [B, T] -> float32 logits [B, T, V]; position t sees tgt_in[:, :t+1].
+
+        With return_weights: (logits, {"self": per layer [B, H, T, T], "cross": per layer [B, H, T, S]}).
+        """
         T = tgt_in.shape[1]
         positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
         x = self._embed(self.tgt_embed, tgt_in, positions, rngs)
         causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1, 1, T, T]
         cross_mask = src_mask[:, None, None, :]
+        weights = []
         for layer in self.decoder_layers:
             cross = layer.cross_attn.project_kv(encoded)
-            x = layer(x, causal, cross, cross_mask, positions, rngs)
-        return self._logits(x)
+            x, w = layer(x, causal, cross, cross_mask, positions, rngs, return_weights=True)
+            weights.append(w)
+        logits = self._logits(x)
+        if return_weights:
+            return logits, {"self": tuple(w[0] for w in weights), "cross": tuple(w[1] for w in weights)}
+        return logits
 
     def __call__(self, src, tgt_in, rngs: nnx.Rngs | None = None):
         encoded, src_mask = self.encode(src, rngs)
