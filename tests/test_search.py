@@ -179,3 +179,15 @@ def test_cli_sampling_and_prefixes(trained_run, tmp_path):
         r = cli_here(*run, *extra)
         err = r.stderr.decode().strip()
         assert r.returncode == 2 and fragment in err and len(err.splitlines()) == 1, err
+
+
+def test_score_of_a_greedy_translation_is_its_search_score(run):
+    """Teacher forcing (score.py) and incremental decoding (this search) are two computations of
+    the same log-probability."""
+    from transformer_mt.score import Scorer
+
+    cfg, graphdef, params, tok, translator = run
+    ids = tok.encode_src(SENTENCES)
+    greedy = translator.translate_ids(params, ids, tr.settings_from(cfg, beam_size=1))
+    total, _ = Scorer(cfg, graphdef).score_ids(params, ids, [h[0][0] for h in greedy])
+    np.testing.assert_allclose(total, [h[0][1] for h in greedy], atol=1e-4)

@@ -64,8 +64,12 @@ def _add_translate(sub) -> None:
                    help="append ' ||| ' and a word alignment to every output line: 'i-j' pairs (source word i, "
                    "output word j; words split at whitespace, counted from 0), one per output word, naming the "
                    "source word it attends to most in the last decoder layer's cross-attention (mean over heads)")
+    p.add_argument("--prefix", metavar="FILE",
+                   help="target prefixes, one per input line (an empty line: none): each translation starts with "
+                   "its prefix (forced, then searched freely); greedy, beam and sampling")
     p.add_argument("--buffer-lines", type=int, default=0,
-                   help="lines read from stdin before translating a chunk (default: 1 on a terminal, 2000 otherwise)")
+                   help="lines read and translated together (default: 1 on a terminal, 2000 from a pipe, "
+                   "20000 from a file); memory stays bounded whatever the input's length")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -75,6 +79,13 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len-a", type=float, help="output length limit a * src_len + b: a")
     p.add_argument("--max-len-b", type=int, help="output length limit a * src_len + b: b")
     p.add_argument("--batch-tokens", type=int, help="padded source tokens per decoding batch")
+    p.add_argument("--sampling", metavar="topk:K|topp:P",
+                   help="sample instead of searching: from the K most likely tokens, or from the smallest set "
+                   "holding probability P (nucleus); --nbest N draws N samples per line, best first; scores are "
+                   "the model's log-probabilities")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0; lower is greedier)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0): the same seed draws the same samples, "
+                   "whatever the batching")
 
 
 def _add_evaluate(sub) -> None:
