@@ -102,3 +102,12 @@ def trained_run(tmp_path_factory):
                       "decode.beam_size=2", "train.bleu_every=200", "train.bleu_subset=40", "train.patience=5")
     train(cfg, workdir, progress_bar=False)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def loaded_run(trained_run):
+    """(cfg, graphdef, params, tokenizer, mesh) of the trained run, restored once per session."""
+    from transformer_mt import rundir
+
+    cfg, graphdef, params, tok, _, mesh = rundir.load_run(trained_run)
+    return cfg, graphdef, params, tok, mesh

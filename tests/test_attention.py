@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from conftest import cli, cli_here
-from transformer_mt import rundir
 from transformer_mt import translate as tr
 from transformer_mt.alignment import piece_words, word_alignment
 from transformer_mt.attention import compiled_attention, plot_attention, teacher_forced_weights
@@ -21,9 +20,8 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def loaded(trained_run):
-    cfg, graphdef, params, tok, step, mesh = rundir.load_run(trained_run)
-    return cfg, graphdef, params, tok, mesh
+def loaded(loaded_run):
+    return loaded_run
 
 
 def test_weights_are_distributions_that_skip_padding(loaded):

@@ -5,7 +5,6 @@ import math
 import pytest
 
 from conftest import cli_here
-from transformer_mt import rundir
 from transformer_mt.score import Scorer, compiled_score
 
 PAIRS = [
@@ -21,9 +20,8 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def loaded(trained_run):
-    cfg, graphdef, params, tok, step, mesh = rundir.load_run(trained_run)
-    return cfg, graphdef, params, tok, mesh
+def loaded(loaded_run):
+    return loaded_run
 
 
 def test_batch_scores_equal_each_line_alone(loaded):

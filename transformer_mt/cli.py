@@ -8,6 +8,7 @@ non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -44,6 +45,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
 
 
+def add_checkpoint_arguments(p: argparse.ArgumentParser, required: bool = True, purpose: str = "") -> None:
+    """--checkpoint RUN_DIR with --step / --last, shared by every command that reads a run."""
+    p.add_argument("--checkpoint", required=required, metavar="RUN_DIR",
+                   help=f"run directory written by `train` or `average`{purpose}")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the best-BLEU checkpoint if any, else the last)")
+    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
+
+
 def _add_translate(sub) -> None:
     p = sub.add_parser(
         "translate",
@@ -51,10 +60,7 @@ def _add_translate(sub) -> None:
         description="Translate text, one sentence per line. Writes exactly one output line per input line, "
         "in input order (an empty input line gives an empty output line).",
     )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                   help="run directory written by `train` or `average`")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the best-BLEU checkpoint if any, else the last)")
-    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
+    add_checkpoint_arguments(p)
     p.add_argument("-i", "--input", default="-", help="input file, or - for stdin (default)")
     p.add_argument("-o", "--output", default="-", help="output file, or - for stdout (default)")
     add_decode_arguments(p)
@@ -97,11 +103,8 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--hyp", help="hypothesis file (one line per reference line)")
     p.add_argument("--ref", required=True, help="reference file")
-    p.add_argument("--checkpoint", metavar="RUN_DIR",
-                   help="run directory (from `train` or `average`) to translate --src with")
+    add_checkpoint_arguments(p, required=False, purpose=" to translate --src with")
     p.add_argument("--src", help="source file to translate (with --checkpoint)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: best, else last)")
-    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
     p.add_argument("--output", help="also write the translations of --src here")
     add_decode_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -117,12 +120,9 @@ def _add_score(sub) -> None:
         "tab-separated. Tokens count the end-of-sentence token; normalised = total / ((5 + tokens) / 6) ** alpha, "
         "the GNMT length penalty beam search ranks by. Empty lines are scored as empty sentences.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                   help="run directory written by `train` or `average`")
+    add_checkpoint_arguments(p)
     p.add_argument("--src", required=True, help="source file (one sentence per line; - for stdin)")
     p.add_argument("--tgt", required=True, help="target file with as many lines as --src")
-    p.add_argument("--step", type=int, help="checkpoint step (default: best, else last)")
-    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
     p.add_argument("-o", "--output", default="-", help="output file, or - for stdout (default)")
     p.add_argument("--alpha", type=float, help="length penalty exponent of the normalised score (default from config)")
     p.add_argument("--batch-tokens", type=int, help="padded tokens per scoring batch (default: data.batch_tokens)")
@@ -167,14 +167,11 @@ def _add_attention(sub) -> None:
         "greedy translation or --tgt. Row t is the decoder step that outputs target piece t. "
         "Needs matplotlib: pip install 'transformer_mt[plot]'.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                   help="run directory written by `train` or `average`")
+    add_checkpoint_arguments(p)
     p.add_argument("--src", required=True, metavar="TEXT", help="source sentence")
     p.add_argument("--tgt", metavar="TEXT", help="target sentence to force (default: the model's greedy translation)")
     p.add_argument("--self", dest="self_attention", action="store_true",
                    help="also draw encoder and decoder self-attention")
-    p.add_argument("--step", type=int, help="checkpoint step (default: best, else last)")
-    p.add_argument("--last", action="store_true", help="use the last checkpoint even when a best one exists")
     p.add_argument("-o", "--output", default="attention.png",
                    help="image file: .png, .pdf or .svg (default: attention.png)")
 
@@ -227,44 +224,22 @@ def run_train(args) -> int:
     return 0
 
 
-def run_translate(args) -> int:
-    from transformer_mt.translate import translate_command
-
-    return translate_command(args)
-
-
-def run_evaluate(args) -> int:
-    from transformer_mt.translate import evaluate_command
-
-    return evaluate_command(args)
-
-
-def run_score(args) -> int:
-    from transformer_mt.score import score_command
-
-    return score_command(args)
+# Each command's module is imported only when it runs, so `--help` and errors stay quick.
+COMMANDS = {
+    "translate": ("transformer_mt.translate", "translate_command"),
+    "evaluate": ("transformer_mt.translate", "evaluate_command"),
+    "score": ("transformer_mt.score", "score_command"),
+    "average": ("transformer_mt.average", "average_command"),
+    "plot": ("transformer_mt.plot", "plot_command"),
+    "attention": ("transformer_mt.attention", "attention_command"),
+}
 
 
-def run_average(args) -> int:
-    from transformer_mt.average import average_command
-
-    return average_command(args)
-
-
-def run_plot(args) -> int:
-    from transformer_mt.plot import plot_command
-
-    return plot_command(args)
-
-
-def run_attention(args) -> int:
-    from transformer_mt.attention import attention_command
-
-    return attention_command(args)
-
-
-COMMANDS = {"train": run_train, "translate": run_translate, "evaluate": run_evaluate, "score": run_score,
-            "average": run_average, "plot": run_plot, "attention": run_attention}
+def run_command(args) -> int:
+    if args.command == "train":
+        return run_train(args)
+    module, function = COMMANDS[args.command]
+    return getattr(importlib.import_module(module), function)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_cache.enable(args.compile_cache, disabled=args.no_compile_cache)
 
     try:
-        return COMMANDS[args.command](args)
+        return run_command(args)
     except (ConfigError, CheckpointWriteError) as e:
         print(f"transformer-mt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import sys
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
@@ -62,7 +61,8 @@ def iter_line_chunks(path: str, size: int) -> Iterator[tuple[int, list[str]]]:
                 first += len(chunk)
                 chunk = []
     except (OSError, EOFError) as e:  # a damaged .gz shows up mid-way
-        raise ConfigError(f"{path}: cannot read past line {first + len(chunk) - 1} ({e})") from None
+        raise ConfigError(f"{path}: not a valid gzip file, or damaged after line {first + len(chunk) - 1} "
+                          f"({e})") from None
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -72,25 +72,4 @@ def iter_line_chunks(path: str, size: int) -> Iterator[tuple[int, list[str]]]:
 
 def read_lines(path: str) -> list[str]:
     """All lines of a file (.gz too; '-' for stdin), split on '\\n' only, so counts match `wc -l`."""
-    if path == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"input file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"input is a directory, not a file: {path}") from None
-        except PermissionError:
-            raise ConfigError(f"input file is not readable: {path}") from None
-    if path.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise ConfigError(f"{path}: not a valid gzip file ({e})") from None
-    if not data:
-        return []
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return list(decode_lines(lines, "stdin" if path == "-" else path))
+    return [line for _, chunk in iter_line_chunks(path, 1 << 16) for line in chunk]
