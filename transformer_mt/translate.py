@@ -223,7 +223,8 @@ def row_bucket(n: int) -> int:
 
 def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: int,
                  row_multiple: int = 1) -> list[tuple[int, int, list[int]]]:
-    """Splits length-sorted sentences into (source length, rows, positions in `lengths`) batches.
+    """Splits length-sorted sentences (each within the largest bucket, as `Translator._fit` cuts
+    them) into (source length, rows, positions in `lengths`) batches.
 
     A batch takes the next sentences while their padded source tokens (count x the bucket of its
     longest) stay within batch_tokens. Its rows are the sentence count rounded up by `row_bucket`
@@ -233,9 +234,9 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: i
     """
     batches, start = [], 0
     while start < len(lengths):
-        end, length = start + 1, bucket_for_source(lengths[start], buckets)
+        end, length = start + 1, data_lib.bucket_for(lengths[start], buckets)
         while end < len(lengths):
-            longer = bucket_for_source(lengths[end], buckets)
+            longer = data_lib.bucket_for(lengths[end], buckets)
             if (end + 1 - start) * longer > batch_tokens:
                 break
             end, length = end + 1, longer
@@ -244,11 +245,6 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: i
         batches.append((length, rows, list(range(start, end))))
         start = end
     return batches
-
-
-def bucket_for_source(length: int, buckets: Sequence[int]) -> int:
-    """The training bucket that holds `length` source tokens (inputs are cut to the largest)."""
-    return data_lib.bucket_for(min(length, buckets[-1]), buckets)
 
 
 def _cut(seq) -> list[int]:
@@ -419,19 +415,10 @@ def open_output(path: str):
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes to stdout, or atomically to a file (a temporary file renamed on success)."""
-    if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write output {path}: {e.strerror or e}") from None
+    """Writes to stdout, or atomically to a file (see open_output)."""
+    with open_output(path) as out:
+        out.write(text)
+        out.flush()
 
 
 def evaluate_command(args) -> int:
