@@ -3,12 +3,18 @@
     python benchmarks/train_speed.py --config configs/multi30k_en_de.yaml --steps 20
 
 Uses real batches from the config's training data (first N pairs), after one warm-up step per
-bucket shape so compile time is excluded.
+bucket shape so compile time is excluded. For a like-for-like ratio with the PyTorch peer, train
+on exactly its batches (one optimizer step per peer batch, at its shapes):
+
+    ~/.cache/peers-venv/bin/python ../shared/peers/hf_bench.py --skip-decode --dump-batches /tmp/peer.json
+    python benchmarks/train_speed.py --config configs/multi30k_en_de_d256.yaml --peer-batches /tmp/peer.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import resource
 import time
 
@@ -26,6 +32,26 @@ from transformer_mt.rundir import build_model
 from transformer_mt.trainer import compiled_steps
 
 
+def peer_batches(path: str, cfg: config_lib.Config, tok, row_multiple: int) -> list[dict]:
+    """The peer's batches (`hf_bench.py --dump-batches`: train line indices per step) in our
+    format, tokenized by our tokenizer, at the peer's own shapes (rows = its pairs, length = its
+    longest pair): the same work, one compile per batch (excluded from the timing)."""
+    try:
+        spec = json.loads(open(path, encoding="utf-8").read())["batches"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {path}: not a hf_bench.py --dump-batches file ({e})")
+    src, tgt = data_lib.load_split(dataclasses.replace(cfg.data, max_train_examples=0), "train")
+    out = []
+    for indices in spec:
+        ex = data_lib.tokenize_pairs(tok, [src[i] for i in indices], [tgt[i] for i in indices], None)
+        if len(ex) != len(indices):
+            raise SystemExit(f"error: {path}: a batch holds an empty training pair")
+        rows = -(-len(ex) // row_multiple) * row_multiple
+        order = np.concatenate([np.arange(len(ex)), np.full(rows - len(ex), -1)])
+        out.append(data_lib.pad_batch(ex, order, rows, int(ex.lengths().max())))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/multi30k_en_de.yaml")
@@ -33,6 +59,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--pairs", type=int, default=5000, help="training pairs to draw batches from")
     p.add_argument("--workdir", default="/tmp/transformer_mt_bench", help="where the tokenizer is trained/cached")
+    p.add_argument("--peer-batches", help="train on these batches (hf_bench.py --dump-batches), all timed, "
+                                          "one optimizer step each (grad_accum 1)")
     args = p.parse_args()
 
     compile_cache.enable()  # a repeated run (A/B/A/B comparisons) skips most of the warm-up
@@ -43,7 +71,11 @@ def main() -> None:
     examples = data_lib.tokenize_pairs(tok, src, tgt, cfg.data.max_len)
     stream = data_lib.TrainStream(examples, cfg.data, 0, sharding.data_size(mesh))
     accum = cfg.train.grad_accum  # micro-batches per optimizer step, run as the trainer runs them
-    batches = [next(stream) for _ in range(args.steps * accum)]
+    if args.peer_batches:
+        batches, accum = peer_batches(args.peer_batches, cfg, tok, sharding.data_size(mesh)), 1
+        args.steps = len(batches)
+    else:
+        batches = [next(stream) for _ in range(args.steps * accum)]
 
     model = build_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
     tx = ts.make_optimizer(cfg.train)
@@ -63,7 +95,8 @@ def main() -> None:
         return steps.apply(state, *acc)
 
     t0 = time.time()
-    for shape in sorted({b["src"].shape for b in batches}):  # compile every shape first
+    shapes = sorted({b["src"].shape for b in batches})
+    for shape in shapes:  # compile every shape first
         b = next(x for x in batches if x["src"].shape == shape)
         state, m = step(state, [b] * accum)
     jax.block_until_ready(m)
@@ -81,9 +114,11 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"config {args.config} {args.overrides}: {n_params / 1e6:.2f}M params, {len(jax.devices())} "
           f"{jax.default_backend()} device(s)")
-    print(f"warm-up/compile {compile_s:.1f}s for {len({b['src'].shape for b in batches})} shapes")
+    print(f"warm-up/compile {compile_s:.1f}s for {len(shapes)} shapes (one compile each)"
+          + (f"; the peer's {len(batches)} batches from {args.peer_batches}" if args.peer_batches else ""))
     print(f"{args.steps} steps in {seconds:.2f}s: {target / seconds:,.0f} target tokens/s, "
-          f"{padded / seconds:,.0f} padded target tokens/s, {seconds / args.steps * 1000:.0f} ms/step")
+          f"{padded / seconds:,.0f} padded target tokens/s, {seconds / args.steps * 1000:.0f} ms/step, "
+          f"padding {1 - target / padded:.1%} of target positions")
     print(f"grad_accum {accum} x batch_tokens {cfg.data.batch_tokens}; process CPU {cpu_seconds:.2f}s "
           f"({cpu_seconds / seconds:.2f} cores busy): {target / cpu_seconds:,.0f} target tokens per CPU-second")
     print(f"peak host RSS {peak:,.0f} MiB" + (f", peak device memory {stats['peak_bytes_in_use'] / 2**20:,.0f} MiB"

@@ -8,7 +8,7 @@ from transformer_mt.config import ConfigError
 
 
 def test_shipped_configs_load_and_match_paper_sizes():
-    for name in ("tiny", "multi30k_en_de", "wmt14_en_de_base", "wmt14_en_de_big"):
+    for name in ("tiny", "multi30k_en_de", "multi30k_en_fr", "multi30k_en_de_d256", "wmt14_en_de_base", "wmt14_en_de_big"):
         config_lib.load(ROOT / "configs" / f"{name}.yaml")
     base = config_lib.load(ROOT / "configs" / "wmt14_en_de_base.yaml").model
     big = config_lib.load(ROOT / "configs" / "wmt14_en_de_big.yaml").model
