@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_mt.decode import beam_search, expand_to_beams, greedy_search, length_penalty, make_sampler
+from transformer_mt.decode import (beam_search, expand_to_beams, first_argmax, greedy_search, length_penalty,
+                                  make_sampler, top_k)
 
 PAD, BOS, EOS = 0, 2, 3
 V = 6  # 0 pad, 1 unk, 2 bos, 3 eos, 4 "a", 5 "b"
@@ -276,3 +277,22 @@ def test_banned_ids_are_never_emitted_but_scores_stay_model_log_probs():
     btoks, _, blogp = beam_search(fn, expand_to_beams(init_cache(1), 2), batch_size=1, beam_size=2, max_steps=3,
                                   bos_id=BOS, eos_id=EOS, alpha=0.0, banned_ids=(PAD, BOS))
     assert PAD not in strip(btoks[0, 0])[:-1] and strip(btoks[0, 0])[-1] == EOS
+
+
+@pytest.mark.parametrize("size,k", [(32000, 8), (8003, 2), (4000, 16), (100, 3)])
+def test_chunked_top_k_and_argmax_equal_lax_on_ties_and_masks(size, k):
+    """Few distinct values (many ties), masked (NEG_INF) and -inf rows: the chunked top-k gives
+    lax.top_k's values and indices exactly (lowest index first among ties), and first_argmax
+    gives jnp.argmax's index."""
+    rng = np.random.default_rng(size + k)
+    ties = rng.integers(0, 5, size=(12, size)).astype(np.float32)
+    normal = rng.normal(size=(12, size)).astype(np.float32)
+    for x in (ties, normal):
+        x[0] = -1.0e9
+        x[1, : size // 2] = -np.inf
+        x[2, -1] = 100.0  # the best entry in the last (padded) chunk
+        want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+        got_v, got_i = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+        np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))

@@ -27,6 +27,36 @@ def length_penalty(length, alpha: float):
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
+def first_argmax(x):
+    """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions:
+    XLA:CPU runs argmax's (value, index) pair reduction unvectorised, several times slower than
+    a max followed by a min over the indices where the maximum sits."""
+    vocab = x.shape[-1]
+    at_max = x == jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.min(jnp.where(at_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(index, vocab - 1)  # a row of NaNs has no maximum
+
+
+def top_k(x, k: int, chunk: int = 32):
+    """lax.top_k(x [B, M], k), the same values and indices (ties: lowest index first), for k much
+    smaller than M: the k best chunks of `chunk` entries by their maximum hold the k best entries,
+    so one vectorised max over all of x and two small top-k's replace a top-k over all of x, which
+    XLA:CPU runs as a slow per-row partial sort. Chunks are taken in index order, so ties resolve
+    as in lax.top_k."""
+    rows, size = x.shape
+    if size <= 4 * k * chunk:
+        return jax.lax.top_k(x, k)
+    pad = -size % chunk
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    chunks = x.reshape(rows, -1, chunk)  # [B, C, chunk]
+    _, best = jax.lax.top_k(jnp.max(chunks, axis=2), k)  # [B, k] chunk ids
+    best = jnp.sort(best, axis=1)
+    within = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(rows, k * chunk)
+    values, pos = jax.lax.top_k(within, k)
+    return values, jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + pos % chunk
+
+
 def _prefix_token(prefix, prefix_lens, step):
     """(forced [N] bool, token [N]) of a target prefix [N, P] at `step` (P may be 0)."""
     if prefix is None or prefix.shape[1] == 0:
@@ -86,7 +116,7 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
         banned = _banned(shifted.shape[-1], banned_ids)
         choosable = shifted if banned is None else jnp.where(banned, -jnp.inf, shifted)
         if sampler is None:
-            nxt = jnp.argmax(choosable, axis=-1)
+            nxt = first_argmax(choosable)
         else:
             nxt = sampler(choosable, jax.vmap(jax.random.fold_in, (0, None))(keys, step))
         nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
@@ -187,7 +217,7 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
                                  prefix, prefix_lens, banned_ids)  # [batch*beam, V]
         vocab = logp.shape[-1]
         cand = alive_logp[:, :, None] + logp.reshape(batch_size, beam_size, vocab)  # [batch, beam, V]
-        top_logp, top_idx = jax.lax.top_k(cand.reshape(batch_size, -1), k2)  # [batch, 2*beam]
+        top_logp, top_idx = top_k(cand.reshape(batch_size, -1), k2)  # [batch, 2*beam]
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         seqs = _take(alive_seq, parent).at[:, :, step].set(token)  # [batch, 2*beam, max_steps]
         is_eos = token == eos_id
