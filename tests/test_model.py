@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from transformer_mt.config import ModelConfig
-from transformer_mt.model import Transformer
+from transformer_mt.model import Transformer, dropout, keep_mask
 
 V = 40
 SRC = np.array([[5, 6, 7, 8, 3, 0, 0, 0], [9, 10, 11, 12, 13, 14, 15, 3]], np.int32)
@@ -130,3 +130,20 @@ def test_beam_cache_follows_parents_without_moving_entries(model):
                 history = np.array(history[::-1])[None]
                 full = model(SRC[b : b + 1], history)[0, -1]
                 np.testing.assert_allclose(out[t][b, j], full, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rate,shape", [(0.3, (64, 33, 128)), (0.1, (3, 5, 7)), (0.5, (1,))])
+def test_dropout_mask_rate_expectation_and_determinism(rate, shape):
+    """Two 16-bit draws per threefry word: the kept share matches 1 - rate (4 standard errors),
+    the kept values are rescaled by the exact keep probability (mean preserved), and a key
+    repeats its mask."""
+    key = jax.random.key(7)
+    keep, prob = keep_mask(key, 1.0 - rate, shape)
+    assert keep.shape == shape and abs(prob - (1.0 - rate)) < 1 / 65536
+    n = int(np.prod(shape))
+    assert abs(float(keep.mean()) - (1.0 - rate)) <= 4 * np.sqrt(rate * (1 - rate) / n) + 1e-9
+    np.testing.assert_array_equal(keep_mask(key, 1.0 - rate, shape)[0], keep)
+    x = jnp.ones(shape)
+    out = np.asarray(dropout(x, rate, nnx.Rngs(dropout=7)))
+    kept = out[out != 0]
+    np.testing.assert_allclose(kept, 1.0 / prob, rtol=1e-6)

@@ -61,18 +61,31 @@ def dot_product_attention(q, k, v, mask, dropout_rate: float = 0.0, rngs: nnx.Rn
     logits = jnp.where(mask, logits, NEG_INF)
     probs = weights = jax.nn.softmax(logits, axis=-1)
     if rngs is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(rngs.dropout(), 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        keep, prob = keep_mask(rngs.dropout(), 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / prob, 0.0)
     out = jnp.einsum("bhqt,bthk->bqhk", weights.astype(v.dtype), v)
     return (out, probs) if return_weights else out
+
+
+def keep_mask(key, keep_prob: float, shape) -> tuple[jax.Array, float]:
+    """(bool mask with P(True) = keep_prob to 1/65536, that exact probability).
+
+    Each 32-bit threefry draw is split into two 16-bit halves, so a mask costs half the threefry
+    evaluations of jax.random.bernoulli (one per element), which on a CPU made dropout about a
+    tenth of a training step (benchmarks/RESULTS.md, issue 11)."""
+    threshold = min(max(round(keep_prob * 65536), 1), 65536)
+    size = math.prod(shape)
+    words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
+    return halves.astype(jnp.int32) < threshold, threshold / 65536
 
 
 def dropout(x, rate: float, rngs: nnx.Rngs | None):
     """Inverted dropout; identity when rngs is None (evaluation and decoding)."""
     if rngs is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    keep, prob = keep_mask(rngs.dropout(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / prob, 0).astype(x.dtype)
 
 
 def heads_major_attention(q, k, v, mask):
