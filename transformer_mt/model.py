@@ -98,8 +98,14 @@ def heads_major_attention(q, k, v, mask):
     """
     logits = jnp.einsum("bqhk,bhtk->bhtq", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits / math.sqrt(q.shape[-1]), NEG_INF)
-    weights = jax.nn.softmax(logits, axis=2).transpose(0, 1, 3, 2)  # [B, H, Q, L]
-    out = jnp.einsum("bhqt,bhtk->bhqk", weights.astype(v.dtype), v)
+    weights = jax.nn.softmax(logits, axis=2)  # [B, H, L, Q]
+    if q.shape[1] > 1:
+        # Several queries (beams): the weighted sum of values as a broadcast multiply and a sum
+        # over L, which XLA:CPU runs 1.5-2x faster than the batched dot (same result, bit for
+        # bit, on the benchmark shapes). One query (greedy): the dot is faster.
+        out = jnp.sum(weights.astype(v.dtype)[..., None] * v[:, :, :, None, :], axis=2)  # [B, H, Q, K]
+    else:
+        out = jnp.einsum("bhqt,bhtk->bhqk", weights.transpose(0, 1, 3, 2).astype(v.dtype), v)
     return out.transpose(0, 2, 1, 3)
 
 
