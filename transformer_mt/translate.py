@@ -215,8 +215,12 @@ def _next_power_of_two(n: int) -> int:
 
 
 def row_bucket(n: int) -> int:
-    """Rows for n sentences: the next power of two or 1.5 times a power of two (1, 2, 3, 4, 6, 8,
-    12, 16, 24, ...): at most a third of a batch is padding, with two shapes per doubling."""
+    """Rows for n sentences: up to 16, the next of 1, 2, 3, 4, 6, 8, 12, 16; above, the next
+    multiple of 8. At most a third of a batch is padding, and at most 7 rows of it in a large
+    batch (the coarser 24, 32, 48, 64, ... ladder wasted up to a third of the work of a file's
+    last, partial batch). A file's full batches share one row count, so the programs stay few."""
+    if n > 16:
+        return -(-n // 8) * 8
     p = _next_power_of_two(n)
     return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
@@ -229,8 +233,8 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: i
     A batch takes the next sentences while their padded source tokens (count x the bucket of its
     longest) stay within batch_tokens. Its rows are the sentence count rounded up by `row_bucket`
     (and to a multiple of the data-parallel size), so a small input is not decoded at the size of
-    a full batch, at most a third of a batch is padding, and the compiled shapes stay few: at
-    most two per (bucket, doubling of the row count).
+    a full batch, at most a third of a batch is padding, and the compiled shapes stay few: a
+    file's full batches of one bucket share a shape.
     """
     batches, start = [], 0
     while start < len(lengths):
