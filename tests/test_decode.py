@@ -296,3 +296,48 @@ def test_chunked_top_k_and_argmax_equal_lax_on_ties_and_masks(size, k):
         np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
         np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
         np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("vocab", [512, 300])  # chunked (512 = 16 chunks of 32) and fallback paths
+def test_beam_extension_top_k_equals_full_log_softmax_top_k(vocab):
+    """The search's fused scoring (log-softmax, length limits, banned ids and forced prefixes
+    scored inside the chunk reduction, kept chunks scored again) picks the extensions that
+    lax.top_k picks over the full, stored [batch, beam * V] scores, ties included."""
+    from transformer_mt.decode import NEG_INF, _banned, _extension_scores, _top_extensions
+
+    rng = np.random.default_rng(vocab)
+    batch, beam, k = 6, 4, 8
+    logits = rng.integers(-8, 8, size=(batch, beam, vocab)).astype(np.float32) / 4  # many ties
+    logits[1, 1] = logits[1, 0]  # two beams alike, at the same alive score: ties across beams
+    alive = rng.normal(size=(batch, beam)).astype(np.float32)
+    alive[1, 1] = alive[1, 0]
+    alive[0, 1:] = NEG_INF  # the first step: one live beam
+    # Row 4: one best token in chunk 3, then ties at 1.0 in chunks 0 and 3: the lower indices win.
+    logits[4, 0] = 0.0
+    logits[4, 0, 96], logits[4, 0, 97:104], logits[4, 0, 8:15] = 5.0, 1.0, 1.0
+    alive[4, 1:] = NEG_INF
+    step = 3
+    max_lens = np.full((batch * beam,), 10, np.int32)
+    max_lens[5:9] = step + 1  # at the length limit: EOS only
+    prefix = np.zeros((batch * beam, 5), np.int32)
+    prefix_lens = np.zeros((batch * beam,), np.int32)
+    prefix[12:16, step], prefix_lens[12:16] = 7, 5  # forced to token 7 at this step
+    banned_ids = (0, 2)
+
+    logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+    ids = jnp.arange(vocab)
+    allowed = ~(step + 1 >= max_lens)[:, None] | (ids == EOS)
+    allowed = allowed & ~jnp.isin(ids, jnp.array(banned_ids))
+    allowed = jnp.where((step < prefix_lens)[:, None], ids == prefix[:, step][:, None], allowed)
+    full = alive[:, :, None] + jnp.where(allowed.reshape(batch, beam, vocab), logp, NEG_INF)
+    want_v, want_i = jax.lax.top_k(full.reshape(batch, -1), k)
+
+    @jax.jit
+    def fused(logits, alive):
+        rows, score = _extension_scores(logits, alive, jnp.int32(step), EOS, jnp.asarray(max_lens),
+                                        jnp.asarray(prefix), jnp.asarray(prefix_lens))
+        return _top_extensions(logits, rows, score, _banned(vocab, banned_ids), k)
+
+    got_v, got_i = fused(jnp.asarray(logits), jnp.asarray(alive))
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_allclose(np.asarray(got_v), np.asarray(want_v), atol=1e-5)

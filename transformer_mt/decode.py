@@ -70,21 +70,61 @@ def _banned(vocab_size: int, banned_ids):
     return jnp.isin(jnp.arange(vocab_size), jnp.asarray(banned_ids, jnp.int32)) if banned_ids else None
 
 
-def _log_probs(tokens_to_logits, ids, cache, step, eos_id, max_lens, prefix=None, prefix_lens=None, banned_ids=()):
-    """Next-token log-probs [N, V]; rows at their length limit may only emit EOS and rows inside
-    their prefix only the prefix token (each at its own log-prob, so a forced token is scored like
-    any other); banned ids are never emitted."""
-    logits, cache = tokens_to_logits(ids, cache)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    vocab = jnp.arange(logp.shape[-1])  # [V]
-    allowed = ~(step + 1 >= max_lens)[:, None] | (vocab == eos_id)  # [N, V]
-    banned = _banned(logp.shape[-1], banned_ids)
-    if banned is not None:
-        allowed = allowed & ~banned
+def _extension_scores(logits, alive_logp, step, eos_id, max_lens, prefix=None, prefix_lens=None):
+    """The scores of every one-token extension of the alive hypotheses, as a function.
+
+    logits [batch, beam, V] -> (rows, score): rows holds per-hypothesis terms [batch, beam, 1];
+    score(x, vocab, banned, rows) gives alive_logp + log_softmax(logits) at logits x of token ids
+    vocab with banned flags banned, NEG_INF where not allowed (rows at their length limit may
+    only emit EOS, rows inside their prefix only the prefix token, banned ids never), for the
+    rows as they are or gathered.
+    Returned as a function so that the search can score all of [batch, beam, V] inside one
+    reduction without storing it, and score again only the few entries it keeps (bit for bit
+    the same values: the same elementwise operations on the same inputs)."""
+    batch, beam, vocab_size = logits.shape
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    # As jax.nn.log_softmax computes it: (x - max) - log(sum(exp(x - max))).
+    rows = {"alive": alive_logp[:, :, None], "max": top,
+            "log_norm": jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)),
+            "limit": (step + 1 >= max_lens).reshape(batch, beam, 1)}
     forced, token = _prefix_token(prefix, prefix_lens, step)
     if forced is not None:
-        allowed = jnp.where(forced[:, None], vocab == token[:, None], allowed)
-    return jnp.where(allowed, logp, NEG_INF), cache
+        rows["forced"], rows["token"] = forced.reshape(batch, beam, 1), token.reshape(batch, beam, 1)
+
+    def score(x, vocab, banned, rows):
+        logp = (x - rows["max"]) - rows["log_norm"]
+        allowed = ~rows["limit"] | (vocab == eos_id)
+        if banned is not None:
+            allowed = allowed & ~banned
+        if "forced" in rows:
+            allowed = jnp.where(rows["forced"], vocab == rows["token"], allowed)
+        return rows["alive"] + jnp.where(allowed, logp, NEG_INF)
+
+    return rows, score
+
+
+def _top_extensions(logits, rows, score, banned, k: int, chunk: int = 32):
+    """lax.top_k over the flattened [batch, beam * V] extension scores (values and flat indices,
+    ties to the lowest index), without storing those scores: as in `top_k`, the k best chunks of
+    `chunk` tokens by their best score hold the k best extensions; each chunk's best is reduced
+    straight from the logits, and only the kept chunks are scored again."""
+    batch, beam, vocab_size = logits.shape
+    vocab = jnp.arange(vocab_size, dtype=jnp.int32)
+    if vocab_size % chunk or vocab_size <= 4 * chunk:  # chunks must not straddle two beams
+        return top_k(score(logits, vocab, banned, rows).reshape(batch, -1), k)
+    per_beam = vocab_size // chunk
+    chunks = logits.reshape(batch, beam, per_beam, chunk)
+    grouped = {name: r[..., None] for name, r in rows.items()}  # [batch, beam, 1, 1]
+    chunked_banned = None if banned is None else banned.reshape(per_beam, chunk)
+    best_of_chunk = jnp.max(score(chunks, vocab.reshape(per_beam, chunk), chunked_banned, grouped), axis=-1)
+    _, best = jax.lax.top_k(best_of_chunk.reshape(batch, beam * per_beam), k)  # [batch, k] chunk ids
+    best = jnp.sort(best, axis=1)
+    kept = jnp.take_along_axis(chunks.reshape(batch, beam * per_beam, chunk), best[:, :, None], axis=1)
+    kept_rows = {name: jnp.take_along_axis(r[:, :, 0], best // per_beam, axis=1)[:, :, None] for name, r in rows.items()}
+    kept_vocab = (best % per_beam)[:, :, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    kept_banned = None if banned is None else banned[kept_vocab]
+    values, pos = jax.lax.top_k(score(kept, kept_vocab, kept_banned, kept_rows).reshape(batch, k * chunk), k)
+    return values, jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + pos % chunk
 
 
 def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,
@@ -213,11 +253,12 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
 
     def body(carry):
         step, last, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, cache = carry
-        logp, cache = _log_probs(tokens_to_logits, last, cache, step, eos_id, beam_max_lens,
-                                 prefix, prefix_lens, banned_ids)  # [batch*beam, V]
-        vocab = logp.shape[-1]
-        cand = alive_logp[:, :, None] + logp.reshape(batch_size, beam_size, vocab)  # [batch, beam, V]
-        top_logp, top_idx = top_k(cand.reshape(batch_size, -1), k2)  # [batch, 2*beam]
+        logits, cache = tokens_to_logits(last, cache)  # [batch*beam, V]
+        vocab = logits.shape[-1]
+        logits = logits.astype(jnp.float32).reshape(batch_size, beam_size, vocab)
+        banned = _banned(vocab, banned_ids)
+        rows, score = _extension_scores(logits, alive_logp, step, eos_id, beam_max_lens, prefix, prefix_lens)
+        top_logp, top_idx = _top_extensions(logits, rows, score, banned, k2)  # [batch, 2*beam]
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         seqs = _take(alive_seq, parent).at[:, :, step].set(token)  # [batch, 2*beam, max_steps]
         is_eos = token == eos_id
