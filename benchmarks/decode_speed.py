@@ -23,23 +23,9 @@ import time
 
 import jax
 
+from bench_util import CompileCounter
 from transformer_mt import translate as tr
 from transformer_mt.textio import read_lines
-
-
-class CompileCounter:
-    """Counts XLA backend compiles (and their seconds) through jax.monitoring."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.count, self.seconds = 0, 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **_):
-        if event == self.EVENT:
-            self.count += 1
-            self.seconds += duration
 
 
 def output_tokens(results) -> int:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import CompileCounter, matmul_gflops, peak_rss_mib
 
 from transformer_mt import compile_cache
 from transformer_mt import config as config_lib
@@ -94,6 +94,9 @@ def main() -> None:
             acc = out if acc is None else steps.add(acc, *out)
         return steps.apply(state, *acc)
 
+    rss_setup = peak_rss_mib()  # imports, data, tokenizer, model and optimizer state
+    probe_start = matmul_gflops()
+    counter = CompileCounter()
     t0 = time.time()
     shapes = sorted({b["src"].shape for b in batches})
     for shape in shapes:  # compile every shape first
@@ -101,6 +104,8 @@ def main() -> None:
         state, m = step(state, [b] * accum)
     jax.block_until_ready(m)
     compile_s = time.time() - t0
+    rss_compiled = peak_rss_mib()
+    compiles, compile_seconds = counter.count, counter.seconds
 
     t0, c0 = time.time(), time.process_time()
     for k in range(args.steps):
@@ -109,22 +114,27 @@ def main() -> None:
     seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
     target = sum(int((b["tgt_out"] != 0).sum()) for b in batches)
     padded = sum(b["tgt_out"].size for b in batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     stats = jax.devices()[0].memory_stats() or {}
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"config {args.config} {args.overrides}: {n_params / 1e6:.2f}M params, {len(jax.devices())} "
           f"{jax.default_backend()} device(s)")
-    print(f"warm-up/compile {compile_s:.1f}s for {len(shapes)} shapes (one compile each)"
+    probe_end = matmul_gflops()
+    print(f"warm-up/compile {compile_s:.1f}s for {len(shapes)} shapes: {compiles} XLA compiles "
+          f"({compile_seconds:.1f} s; the rest loaded from the persistent cache)"
           + (f"; the peer's {len(batches)} batches from {args.peer_batches}" if args.peer_batches else ""))
     print(f"{args.steps} steps in {seconds:.2f}s: {target / seconds:,.0f} target tokens/s, "
           f"{padded / seconds:,.0f} padded target tokens/s, {seconds / args.steps * 1000:.0f} ms/step, "
           f"padding {1 - target / padded:.1%} of target positions")
     print(f"grad_accum {accum} x batch_tokens {cfg.data.batch_tokens}; process CPU {cpu_seconds:.2f}s "
           f"({cpu_seconds / seconds:.2f} cores busy): {target / cpu_seconds:,.0f} target tokens per CPU-second")
-    print(f"peak host RSS {peak:,.0f} MiB" + (f", peak device memory {stats['peak_bytes_in_use'] / 2**20:,.0f} MiB"
+    print(f"peak host RSS {peak:,.0f} MiB (after setup {rss_setup:,.0f}, after the compiling steps "
+          f"{rss_compiled:,.0f})" + (f", peak device memory {stats['peak_bytes_in_use'] / 2**20:,.0f} MiB"
                                                if "peak_bytes_in_use" in stats else ""))
     flops = 6 * n_params * target  # rough model FLOPs
-    print(f"~{flops / seconds / 1e9:,.0f} GFLOP/s model FLOPs (6 * params * target tokens)")
+    print(f"~{flops / seconds / 1e9:,.0f} GFLOP/s model FLOPs (6 * params * target tokens): "
+          f"{flops / seconds / 1e9 / max(probe_start, probe_end):.0%} of this machine's f32 matmul rate "
+          f"(1024^3 probe {probe_start:,.0f} / {probe_end:,.0f} GFLOP/s before / after)")
     np.asarray(m["loss"])
 
 
