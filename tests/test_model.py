@@ -92,11 +92,14 @@ def test_dropout_only_with_rngs_and_tied_embeddings():
     assert any(n.startswith("output") for n in names) and any(n.startswith("tgt_embed") for n in names)
 
 
-def test_beam_cache_follows_parents_without_moving_entries(model):
-    """Three hypotheses per sentence share one cache buffer; after each step they are reordered
-    (parents) and fed different tokens. Each hypothesis' logits must equal the full forward pass
-    of its own token history, so attention reads exactly its ancestors' entries."""
-    beams, steps = 3, 5
+@pytest.mark.parametrize("steps,cache_len,blocked", [(5, 7, False), (9, 13, True)], ids=["one-buffer", "blocks"])
+def test_beam_cache_follows_parents_without_moving_entries(model, steps, cache_len, blocked):
+    """Three hypotheses per sentence share one cache buffer (or, for a longer cache, its blocks
+    of 4 positions, of which a step reads only those filled so far); after each step they are
+    reordered (parents) and fed different tokens. Each hypothesis' logits must equal the full
+    forward pass of its own token history, so attention reads exactly its ancestors' entries."""
+    beams = 3
+    assert isinstance(model.init_cache(1, beams, cache_len)["layers"][0]["k"], tuple) == blocked
     rng = np.random.default_rng(1)
     graphdef, params = nnx.split(model)
     batch = SRC.shape[0]
@@ -107,7 +110,7 @@ def test_beam_cache_follows_parents_without_moving_entries(model):
     def run(params):
         m = nnx.merge(graphdef, params)
         enc, mask = m.encode(SRC)
-        cache = m.init_cache(batch, beams, steps + 2)
+        cache = m.init_cache(batch, beams, cache_len)
         cross = m.cross_state(enc, mask)
         out = []
         for t in range(steps):

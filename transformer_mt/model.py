@@ -20,6 +20,7 @@ from flax import nnx
 from transformer_mt.config import ModelConfig
 from transformer_mt.tokenizer import PAD_ID
 
+CACHE_BLOCKS = 4  # a beam search's self-attention cache is kept in up to this many blocks
 NEG_INF = -1e9  # finite, so fully masked rows (all-pad batch rows) give a uniform softmax, not NaN
 
 
@@ -107,6 +108,43 @@ def heads_major_attention(q, k, v, mask):
     else:
         out = jnp.einsum("bhqt,bhtk->bhqk", weights.transpose(0, 1, 3, 2).astype(v.dtype), v)
     return out.transpose(0, 2, 1, 3)
+
+
+def write_blocked(blocks, value, index, beams: int):
+    """Writes value [B, H, N, K] (N = beams) at position index of a cache kept in blocks of
+    equal length (each [B, H, block_len * N, K]): into the block that holds index; every other
+    block rewrites its own entries at a clamped position (a few small ops, no block copied)."""
+    size = blocks[0].shape[2]
+    block_len = size // beams
+    out = []
+    for j, block in enumerate(blocks):
+        pos = jnp.clip((index - j * block_len) * beams, 0, size - beams)
+        current = jax.lax.dynamic_slice_in_dim(block, pos, beams, axis=2)
+        fresh = jnp.where(index // block_len == j, value.astype(block.dtype), current)
+        out.append(jax.lax.dynamic_update_slice_in_dim(block, fresh, pos, axis=2))
+    return tuple(out)
+
+
+def blocked_attention(q, k_blocks, v_blocks, mask, index):
+    """heads_major_attention over only the blocks filled so far (index // block_len + 1 of them),
+    one branch per count: the step reads the cache it needs, not the whole buffer, which for
+    beams is the dominant memory traffic of a decoding step (benchmarks/RESULTS.md)."""
+    size, beams = k_blocks[0].shape[2], q.shape[1]
+    scale = math.sqrt(q.shape[-1])
+
+    def attend(count):
+        def branch(q, k_blocks, v_blocks, mask):
+            logits = jnp.concatenate([jnp.einsum("bqhk,bhtk->bhtq", q, k, preferred_element_type=jnp.float32)
+                                      for k in k_blocks[:count]], axis=2)  # [B, H, count * size, Q]
+            logits = jnp.where(mask[:, :, : count * size], logits / scale, NEG_INF)
+            weights = jax.nn.softmax(logits, axis=2)
+            out = sum(jnp.sum(weights[:, :, i * size:(i + 1) * size, :, None].astype(v.dtype) * v[:, :, :, None, :],
+                              axis=2) for i, v in enumerate(v_blocks[:count]))  # [B, H, Q, K]
+            return out.transpose(0, 2, 1, 3)
+        return branch
+
+    branches = [attend(count) for count in range(1, len(k_blocks) + 1)]
+    return jax.lax.switch(index // (size // beams), branches, q, k_blocks, v_blocks, mask)
 
 
 class Attention(nnx.Module):
@@ -223,17 +261,23 @@ class DecoderLayer(nnx.Module):
         return (x, (weights["self"], weights["cross"])) if return_weights else x
 
     def step(self, x, cache, offset, self_mask, cross_k, cross_v, cross_mask, positions):
-        """Incremental decoding of x [B, N, D] (N hypotheses per sentence, all at one position):
-        writes their keys/values at entries offset .. offset+N-1 of cache k/v [B, H, L, K]."""
+        """Incremental decoding of x [B, N, D] (N hypotheses per sentence, all at position offset):
+        writes their keys/values at entries offset * N .. offset * N + N-1 of cache k/v
+        [B, H, L, K] (or of its blocks, see Transformer.init_cache)."""
         new = {}
 
         def self_attention(h):
             q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)  # [B, N, H, K]
             if self.rotary:
                 q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+            if isinstance(cache["k"], tuple):  # beams: blocked cache, read only where filled
+                for name, value in (("k", k), ("v", v)):
+                    new[name] = write_blocked(cache[name], value.transpose(0, 2, 1, 3), offset, q.shape[1])
+                out = blocked_attention(q, new["k"], new["v"], self_mask, offset)
+                return self.self_attn.out(out.reshape(out.shape[:-2] + (-1,)))
             for name, value in (("k", k), ("v", v)):
                 new[name] = jax.lax.dynamic_update_slice_in_dim(
-                    cache[name], value.transpose(0, 2, 1, 3).astype(cache[name].dtype), offset, 2)
+                    cache[name], value.transpose(0, 2, 1, 3).astype(cache[name].dtype), offset * q.shape[1], 2)
             return self.self_attn.attend_cached(q, new["k"], new["v"], self_mask)
 
         def cross_attention(h):
@@ -336,6 +380,9 @@ class Transformer(nnx.Module):
     # ([B, H, max_len * N, K]: entry t * N + j is beam j at position t); an entry is written once
     # and never moved. `slots` [B, N, max_len] says, for each hypothesis, which beam's entry at
     # each position is its ancestor; a beam reorder gathers only these ints (`reorder_cache`).
+    # With beams and max_len >= 8 that buffer is split into CACHE_BLOCKS blocks of positions, each
+    # its own array, and a step attends over the blocks filled so far only (`blocked_attention`):
+    # reading the whole buffer every step was a quarter of a beam step.
 
     def cross_state(self, encoded, src_mask):
         """Per-sentence decoding inputs: cross keys/values [B, H, S, K] of every layer and the mask."""
@@ -348,9 +395,15 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, beam_size: int, max_len: int):
         """Empty self-attention cache for batch_size sentences of beam_size hypotheses each."""
         heads, head_dim = self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads
-        shape = (batch_size, heads, max_len * beam_size, head_dim)
-        layers = tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-                       for _ in self.decoder_layers)
+        if beam_size > 1 and max_len >= 2 * CACHE_BLOCKS:  # up to CACHE_BLOCKS blocks of positions
+            block_len = -(-max_len // CACHE_BLOCKS)
+            max_len = -(-max_len // block_len) * block_len
+            shape = (batch_size, heads, block_len * beam_size, head_dim)
+            zeros = lambda: tuple(jnp.zeros(shape, self.dtype) for _ in range(max_len // block_len))  # noqa: E731
+        else:
+            shape = (batch_size, heads, max_len * beam_size, head_dim)
+            zeros = lambda: jnp.zeros(shape, self.dtype)  # noqa: E731
+        layers = tuple({"k": zeros(), "v": zeros()} for _ in self.decoder_layers)
         slots = jnp.zeros((batch_size, beam_size, max_len), jnp.int32)
         return {"layers": layers, "slots": slots, "index": jnp.zeros((), jnp.int32)}
 
@@ -377,7 +430,7 @@ class Transformer(nnx.Module):
             self_mask = mine.transpose(0, 2, 3, 1).reshape(batch, 1, max_len * beams, beams)  # [B, 1, T*N, N]
         new_layers = []
         for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
-            x, layer_cache = layer.step(x, layer_cache, index * beams, self_mask, cross_k, cross_v,
+            x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_k, cross_v,
                                         cross["mask"], positions)
             new_layers.append(layer_cache)
         logits = self._logits(x).reshape(batch * beams, -1)
