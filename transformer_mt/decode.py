@@ -50,10 +50,20 @@ def top_k(x, k: int, chunk: int = 32):
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
     chunks = x.reshape(rows, -1, chunk)  # [B, C, chunk]
-    _, best = jax.lax.top_k(jnp.max(chunks, axis=2), k)  # [B, k] chunk ids
+    return _top_of_chunks(jnp.max(chunks, axis=2),
+                          lambda best: jnp.take_along_axis(chunks, best[:, :, None], axis=1), k)
+
+
+def _top_of_chunks(chunk_best, entries_of, k: int):
+    """The second half of a chunked top-k: chunk_best [B, C] is each chunk's best entry;
+    entries_of(ids [B, k]) returns those chunks' entries [B, k, chunk]. The k best chunks, taken
+    in index order so that ties resolve as in lax.top_k, hold the k best entries; returns their
+    values and flat indices (chunk id * chunk + position)."""
+    _, best = jax.lax.top_k(chunk_best, k)  # [B, k] chunk ids
     best = jnp.sort(best, axis=1)
-    within = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(rows, k * chunk)
-    values, pos = jax.lax.top_k(within, k)
+    within = entries_of(best)
+    chunk = within.shape[-1]
+    values, pos = jax.lax.top_k(within.reshape(within.shape[0], k * chunk), k)
     return values, jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + pos % chunk
 
 
@@ -117,14 +127,16 @@ def _top_extensions(logits, rows, score, banned, k: int, chunk: int = 32):
     grouped = {name: r[..., None] for name, r in rows.items()}  # [batch, beam, 1, 1]
     chunked_banned = None if banned is None else banned.reshape(per_beam, chunk)
     best_of_chunk = jnp.max(score(chunks, vocab.reshape(per_beam, chunk), chunked_banned, grouped), axis=-1)
-    _, best = jax.lax.top_k(best_of_chunk.reshape(batch, beam * per_beam), k)  # [batch, k] chunk ids
-    best = jnp.sort(best, axis=1)
-    kept = jnp.take_along_axis(chunks.reshape(batch, beam * per_beam, chunk), best[:, :, None], axis=1)
-    kept_rows = {name: jnp.take_along_axis(r[:, :, 0], best // per_beam, axis=1)[:, :, None] for name, r in rows.items()}
-    kept_vocab = (best % per_beam)[:, :, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    kept_banned = None if banned is None else banned[kept_vocab]
-    values, pos = jax.lax.top_k(score(kept, kept_vocab, kept_banned, kept_rows).reshape(batch, k * chunk), k)
-    return values, jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + pos % chunk
+
+    def scored_chunks(best):  # the kept chunks' extension scores [batch, k, chunk]
+        kept = jnp.take_along_axis(chunks.reshape(batch, beam * per_beam, chunk), best[:, :, None], axis=1)
+        kept_rows = {name: jnp.take_along_axis(r[:, :, 0], best // per_beam, axis=1)[:, :, None]
+                     for name, r in rows.items()}
+        kept_vocab = (best % per_beam)[:, :, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        kept_banned = None if banned is None else banned[kept_vocab]
+        return score(kept, kept_vocab, kept_banned, kept_rows)
+
+    return _top_of_chunks(best_of_chunk.reshape(batch, beam * per_beam), scored_chunks, k)
 
 
 def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,

@@ -174,8 +174,12 @@ class Attention(nnx.Module):
         out, weights = dot_product_attention(q, k, v, mask, self.dropout_rate, rngs, return_weights=True)
         return self.out(out.reshape(out.shape[:-2] + (-1,))), weights
 
-    def attend_cached(self, q, k, v, mask):
-        out = heads_major_attention(q, k, v, mask)  # [B, Q, H, K]
+    def attend_cached(self, q, k, v, mask, index=None):
+        """Decoding attention over a cache: one buffer, or blocks (tuples) read up to index."""
+        if isinstance(k, tuple):
+            out = blocked_attention(q, k, v, mask, index)
+        else:
+            out = heads_major_attention(q, k, v, mask)  # [B, Q, H, K]
         return self.out(out.reshape(out.shape[:-2] + (-1,)))
 
 
@@ -270,15 +274,14 @@ class DecoderLayer(nnx.Module):
             q, (k, v) = self.self_attn.project_q(h), self.self_attn.project_kv(h)  # [B, N, H, K]
             if self.rotary:
                 q, k = apply_rotary(q, positions), apply_rotary(k, positions)
-            if isinstance(cache["k"], tuple):  # beams: blocked cache, read only where filled
-                for name, value in (("k", k), ("v", v)):
-                    new[name] = write_blocked(cache[name], value.transpose(0, 2, 1, 3), offset, q.shape[1])
-                out = blocked_attention(q, new["k"], new["v"], self_mask, offset)
-                return self.self_attn.out(out.reshape(out.shape[:-2] + (-1,)))
             for name, value in (("k", k), ("v", v)):
-                new[name] = jax.lax.dynamic_update_slice_in_dim(
-                    cache[name], value.transpose(0, 2, 1, 3).astype(cache[name].dtype), offset * q.shape[1], 2)
-            return self.self_attn.attend_cached(q, new["k"], new["v"], self_mask)
+                value = value.transpose(0, 2, 1, 3)
+                if isinstance(cache[name], tuple):  # beams: blocked cache, read only where filled
+                    new[name] = write_blocked(cache[name], value, offset, q.shape[1])
+                else:
+                    new[name] = jax.lax.dynamic_update_slice_in_dim(
+                        cache[name], value.astype(cache[name].dtype), offset * q.shape[1], 2)
+            return self.self_attn.attend_cached(q, new["k"], new["v"], self_mask, offset)
 
         def cross_attention(h):
             return self.cross_attn.attend_cached(self.cross_attn.project_q(h), cross_k, cross_v, cross_mask)
