@@ -283,7 +283,7 @@ def test_banned_ids_are_never_emitted_but_scores_stay_model_log_probs():
 def test_chunked_top_k_and_argmax_equal_lax_on_ties_and_masks(size, k):
     """Few distinct values (many ties), masked (NEG_INF) and -inf rows: the chunked top-k gives
     lax.top_k's values and indices exactly (lowest index first among ties), and first_argmax
-    gives jnp.argmax's index."""
+    gives jnp.argmax's index, banned ids excluded (even where one holds the maximum)."""
     rng = np.random.default_rng(size + k)
     ties = rng.integers(0, 5, size=(12, size)).astype(np.float32)
     normal = rng.normal(size=(12, size)).astype(np.float32)
@@ -296,13 +296,19 @@ def test_chunked_top_k_and_argmax_equal_lax_on_ties_and_masks(size, k):
         np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
         np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
         np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+        banned_ids = (0, 3, 37)  # in the first two chunks
+        masked = x.copy()
+        masked[:, banned_ids] = -np.inf
+        x[3, 37] = 1e6  # a banned id holds the maximum
+        got = jax.jit(first_argmax, static_argnums=1)(jnp.asarray(x), banned_ids)
+        np.testing.assert_array_equal(np.asarray(got), np.argmax(masked, axis=-1))
 
 
 @pytest.mark.parametrize("vocab", [512, 300])  # chunked (512 = 16 chunks of 32) and fallback paths
 def test_beam_extension_top_k_equals_full_log_softmax_top_k(vocab):
-    """The search's fused scoring (log-softmax, length limits, banned ids and forced prefixes
-    scored inside the chunk reduction, kept chunks scored again) picks the extensions that
-    lax.top_k picks over the full, stored [batch, beam * V] scores, ties included."""
+    """The search's chunked scoring (each chunk's best score from its best allowed logit under
+    length limits, banned ids and forced prefixes; kept chunks scored in full) picks the
+    extensions that lax.top_k picks over the full, stored [batch, beam * V] scores, ties included."""
     from transformer_mt.decode import NEG_INF, _banned, _extension_scores, _top_extensions
 
     rng = np.random.default_rng(vocab)
@@ -322,7 +328,9 @@ def test_beam_extension_top_k_equals_full_log_softmax_top_k(vocab):
     prefix = np.zeros((batch * beam, 5), np.int32)
     prefix_lens = np.zeros((batch * beam,), np.int32)
     prefix[12:16, step], prefix_lens[12:16] = 7, 5  # forced to token 7 at this step
-    banned_ids = (0, 2)
+    banned_ids = (0, 2, 45)  # in chunks 0 and 1
+    logits[2] = rng.normal(size=(beam, vocab))  # no ties; banned ids hold every beam's maximum
+    logits[2, :, [0, 45]] = 9.0
 
     logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
     ids = jnp.arange(vocab)
@@ -334,9 +342,9 @@ def test_beam_extension_top_k_equals_full_log_softmax_top_k(vocab):
 
     @jax.jit
     def fused(logits, alive):
-        rows, score = _extension_scores(logits, alive, jnp.int32(step), EOS, jnp.asarray(max_lens),
-                                        jnp.asarray(prefix), jnp.asarray(prefix_lens))
-        return _top_extensions(logits, rows, score, _banned(vocab, banned_ids), k)
+        rows, score, chunk_best = _extension_scores(logits, alive, jnp.int32(step), EOS, jnp.asarray(max_lens),
+                                                    jnp.asarray(prefix), jnp.asarray(prefix_lens), banned_ids)
+        return _top_extensions(logits, rows, score, chunk_best, _banned(vocab, banned_ids), k)
 
     got_v, got_i = fused(jnp.asarray(logits), jnp.asarray(alive))
     np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -1.0e9
 
@@ -27,10 +28,57 @@ def length_penalty(length, alpha: float):
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-def first_argmax(x):
-    """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions:
-    XLA:CPU runs argmax's (value, index) pair reduction unvectorised, several times slower than
-    a max followed by a min over the indices where the maximum sits."""
+CHUNK = 32  # vocabulary entries reduced together by the chunked argmax and top-k
+
+
+def _chunkable(vocab_size: int, chunk: int = CHUNK) -> bool:
+    return vocab_size % chunk == 0 and vocab_size > 4 * chunk
+
+
+def chunk_maxima(x, banned_ids=(), chunk: int = CHUNK):
+    """x [..., V] (V a multiple of chunk) -> [..., V // chunk]: each chunk's maximum over the ids
+    not in banned_ids (-inf where all are banned). One plain reduction over x; only the few
+    chunks that hold banned ids are reduced again, masked: a mask over all of x would cost XLA:CPU
+    a pass that writes a copy of x."""
+    *lead, vocab_size = x.shape
+    chunks = x.reshape(*lead, vocab_size // chunk, chunk)
+    maxima = jnp.max(chunks, axis=-1)
+    for c in sorted({int(i) // chunk for i in banned_ids}):
+        keep = ~np.isin(np.arange(c * chunk, (c + 1) * chunk), banned_ids)
+        maxima = maxima.at[..., c].set(jnp.max(jnp.where(keep, chunks[..., c, :], -jnp.inf), axis=-1))
+    return maxima
+
+
+def _row_max(x, maxima, banned_ids=()):
+    """jnp.max(x, axis=-1, keepdims=True), from x's chunk maxima over allowed ids and the banned
+    ids' own entries (the same value: a maximum is exact)."""
+    top = jnp.max(maxima, axis=-1, keepdims=True)
+    if banned_ids:
+        top = jnp.maximum(top, jnp.max(x[..., np.asarray(banned_ids)], axis=-1, keepdims=True))
+    return top
+
+
+def first_argmax(x, banned_ids=(), chunk: int = CHUNK, maxima=None):
+    """jnp.argmax over the last axis of x [B, V] (the first index of the maximum), banned_ids
+    excluded. XLA:CPU runs argmax's (value, index) pair reduction unvectorised, several times
+    slower than plain reductions; so: each chunk's maximum (`chunk_maxima`, or given), the first
+    chunk holding the overall maximum, then the first index of it inside that chunk (the same
+    index: no earlier chunk holds the maximum)."""
+    rows, vocab_size = x.shape
+    if not _chunkable(vocab_size, chunk):
+        banned = _banned(vocab_size, banned_ids)
+        return _plain_first_argmax(x if banned is None else jnp.where(banned, -jnp.inf, x))
+    maxima = chunk_maxima(x, banned_ids, chunk) if maxima is None else maxima
+    best = _plain_first_argmax(maxima)  # [B]
+    within = jnp.take_along_axis(x.reshape(rows, -1, chunk), best[:, None, None], axis=1)[:, 0]  # [B, chunk]
+    if banned_ids:
+        banned = jnp.asarray(np.isin(np.arange(vocab_size), banned_ids).reshape(-1, chunk))[best]
+        within = jnp.where(banned, -jnp.inf, within)
+    return best * chunk + _plain_first_argmax(within)
+
+
+def _plain_first_argmax(x):
+    """The first index of the maximum as a max, then a min over the indices where it sits."""
     vocab = x.shape[-1]
     at_max = x == jnp.max(x, axis=-1, keepdims=True)
     index = jnp.min(jnp.where(at_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
@@ -80,19 +128,23 @@ def _banned(vocab_size: int, banned_ids):
     return jnp.isin(jnp.arange(vocab_size), jnp.asarray(banned_ids, jnp.int32)) if banned_ids else None
 
 
-def _extension_scores(logits, alive_logp, step, eos_id, max_lens, prefix=None, prefix_lens=None):
+def _extension_scores(logits, alive_logp, step, eos_id, max_lens, prefix=None, prefix_lens=None, banned_ids=(),
+                      chunk: int = CHUNK):
     """The scores of every one-token extension of the alive hypotheses, as a function.
 
-    logits [batch, beam, V] -> (rows, score): rows holds per-hypothesis terms [batch, beam, 1];
-    score(x, vocab, banned, rows) gives alive_logp + log_softmax(logits) at logits x of token ids
-    vocab with banned flags banned, NEG_INF where not allowed (rows at their length limit may
-    only emit EOS, rows inside their prefix only the prefix token, banned ids never), for the
-    rows as they are or gathered.
-    Returned as a function so that the search can score all of [batch, beam, V] inside one
-    reduction without storing it, and score again only the few entries it keeps (bit for bit
-    the same values: the same elementwise operations on the same inputs)."""
+    logits [batch, beam, V] -> (rows, score, chunk_best): rows holds per-hypothesis terms
+    [batch, beam, 1]; score(x, vocab, banned, rows) gives alive_logp + log_softmax(logits) at
+    logits x of token ids vocab with banned flags banned, NEG_INF where not allowed (rows at their
+    length limit may only emit EOS, rows inside their prefix only the prefix token, banned ids
+    never), for the rows as they are or gathered. chunk_best [batch, beam, V // chunk] is the best
+    score in each chunk of `chunk` tokens (None when V is not chunkable).
+    Returned as a function so that the search scores only the few entries it keeps. chunk_best
+    comes from the chunks' maximum logits: a score is a non-decreasing function of its logit
+    (subtractions and an addition, each rounded monotonically), so the best score of a chunk is
+    the score of its best allowed logit, bit for bit, and [batch, beam, V] scores are never formed."""
     batch, beam, vocab_size = logits.shape
-    top = jnp.max(logits, axis=-1, keepdims=True)
+    maxima = chunk_maxima(logits, banned_ids, chunk) if _chunkable(vocab_size, chunk) else None
+    top = jnp.max(logits, axis=-1, keepdims=True) if maxima is None else _row_max(logits, maxima, banned_ids)
     # As jax.nn.log_softmax computes it: (x - max) - log(sum(exp(x - max))).
     rows = {"alive": alive_logp[:, :, None], "max": top,
             "log_norm": jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)),
@@ -101,32 +153,46 @@ def _extension_scores(logits, alive_logp, step, eos_id, max_lens, prefix=None, p
     if forced is not None:
         rows["forced"], rows["token"] = forced.reshape(batch, beam, 1), token.reshape(batch, beam, 1)
 
+    def logp(x, rows):
+        return (x - rows["max"]) - rows["log_norm"]
+
     def score(x, vocab, banned, rows):
-        logp = (x - rows["max"]) - rows["log_norm"]
         allowed = ~rows["limit"] | (vocab == eos_id)
         if banned is not None:
             allowed = allowed & ~banned
         if "forced" in rows:
             allowed = jnp.where(rows["forced"], vocab == rows["token"], allowed)
-        return rows["alive"] + jnp.where(allowed, logp, NEG_INF)
+        return rows["alive"] + jnp.where(allowed, logp(x, rows), NEG_INF)
 
-    return rows, score
+    if maxima is None:
+        return rows, score, None
+    alive, floor = rows["alive"], rows["alive"] + NEG_INF  # floor: a not-allowed extension's score
+    ids = np.arange(vocab_size // chunk)
+    with_banned = np.isin(ids, [int(i) // chunk for i in banned_ids])
+    free = alive + logp(maxima, rows)  # -inf where every id of the chunk is banned
+    best = jnp.where(with_banned, jnp.maximum(free, floor), free)
+
+    def only(token, x, ok):  # rows that may emit one token, of logit x, and nothing else
+        return jnp.where((ids == token // chunk) & ok, jnp.maximum(alive + logp(x, rows), floor), floor)
+
+    best = jnp.where(rows["limit"], only(eos_id, logits[..., eos_id:eos_id + 1], eos_id not in banned_ids), best)
+    if forced is not None:
+        best = jnp.where(rows["forced"], only(rows["token"], jnp.take_along_axis(logits, rows["token"], axis=-1), True),
+                         best)
+    return rows, score, best
 
 
-def _top_extensions(logits, rows, score, banned, k: int, chunk: int = 32):
+def _top_extensions(logits, rows, score, chunk_best, banned, k: int, chunk: int = CHUNK):
     """lax.top_k over the flattened [batch, beam * V] extension scores (values and flat indices,
     ties to the lowest index), without storing those scores: as in `top_k`, the k best chunks of
-    `chunk` tokens by their best score hold the k best extensions; each chunk's best is reduced
-    straight from the logits, and only the kept chunks are scored again."""
+    `chunk` tokens by their best score (chunk_best, from `_extension_scores`) hold the k best
+    extensions; only the kept chunks are scored."""
     batch, beam, vocab_size = logits.shape
     vocab = jnp.arange(vocab_size, dtype=jnp.int32)
-    if vocab_size % chunk or vocab_size <= 4 * chunk:  # chunks must not straddle two beams
+    if chunk_best is None:
         return top_k(score(logits, vocab, banned, rows).reshape(batch, -1), k)
     per_beam = vocab_size // chunk
     chunks = logits.reshape(batch, beam, per_beam, chunk)
-    grouped = {name: r[..., None] for name, r in rows.items()}  # [batch, beam, 1, 1]
-    chunked_banned = None if banned is None else banned.reshape(per_beam, chunk)
-    best_of_chunk = jnp.max(score(chunks, vocab.reshape(per_beam, chunk), chunked_banned, grouped), axis=-1)
 
     def scored_chunks(best):  # the kept chunks' extension scores [batch, k, chunk]
         kept = jnp.take_along_axis(chunks.reshape(batch, beam * per_beam, chunk), best[:, :, None], axis=1)
@@ -136,7 +202,7 @@ def _top_extensions(logits, rows, score, banned, k: int, chunk: int = 32):
         kept_banned = None if banned is None else banned[kept_vocab]
         return score(kept, kept_vocab, kept_banned, kept_rows)
 
-    return _top_of_chunks(best_of_chunk.reshape(batch, beam * per_beam), scored_chunks, k)
+    return _top_of_chunks(chunk_best.reshape(batch, beam * per_beam), scored_chunks, k)
 
 
 def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,
@@ -161,21 +227,25 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
     def body(carry):
         step, last, tokens, done, scores, cache = carry
         logits, cache = tokens_to_logits(last, cache)  # [B, V]
-        # No full log-softmax: the argmax of the logits, scored by its log-probability (computed
-        # as jax.nn.log_softmax does, so scores match beam search's bit for bit).
-        shifted = logits.astype(jnp.float32) - jnp.max(logits, axis=-1, keepdims=True).astype(jnp.float32)
-        log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))  # [B]
-        banned = _banned(shifted.shape[-1], banned_ids)
-        choosable = shifted if banned is None else jnp.where(banned, -jnp.inf, shifted)
+        # No full log-softmax: the first argmax of the allowed logits, scored by its
+        # log-probability (computed as jax.nn.log_softmax does, as beam search scores it).
+        logits = logits.astype(jnp.float32)
+        vocab_size = logits.shape[-1]
+        maxima = chunk_maxima(logits, banned_ids) if _chunkable(vocab_size) else None
+        top = jnp.max(logits, axis=-1, keepdims=True) if maxima is None else _row_max(logits, maxima, banned_ids)
+        log_norm = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # [B]
         if sampler is None:
-            nxt = first_argmax(choosable)
+            nxt = first_argmax(logits, banned_ids, maxima=maxima)
         else:
+            banned = _banned(vocab_size, banned_ids)
+            shifted = logits - top
+            choosable = shifted if banned is None else jnp.where(banned, -jnp.inf, shifted)
             nxt = sampler(choosable, jax.vmap(jax.random.fold_in, (0, None))(keys, step))
         nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
         forced, token = _prefix_token(prefix, prefix_lens, step)
         if forced is not None:
             nxt = jnp.where(forced, token, nxt)
-        logp = jnp.take_along_axis(shifted, nxt[:, None], axis=-1)[:, 0] - log_norm
+        logp = (jnp.take_along_axis(logits, nxt[:, None], axis=-1)[:, 0] - top[:, 0]) - log_norm
         scores = scores + jnp.where(done, 0.0, logp)
         nxt = jnp.where(done, pad_id, nxt)
         tokens = tokens.at[:, step].set(nxt)
@@ -269,8 +339,9 @@ def beam_search(tokens_to_logits, cache, *, batch_size: int, beam_size: int, max
         vocab = logits.shape[-1]
         logits = logits.astype(jnp.float32).reshape(batch_size, beam_size, vocab)
         banned = _banned(vocab, banned_ids)
-        rows, score = _extension_scores(logits, alive_logp, step, eos_id, beam_max_lens, prefix, prefix_lens)
-        top_logp, top_idx = _top_extensions(logits, rows, score, banned, k2)  # [batch, 2*beam]
+        rows, score, chunk_best = _extension_scores(logits, alive_logp, step, eos_id, beam_max_lens, prefix,
+                                                    prefix_lens, banned_ids)
+        top_logp, top_idx = _top_extensions(logits, rows, score, chunk_best, banned, k2)  # [batch, 2*beam]
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         seqs = _take(alive_seq, parent).at[:, :, step].set(token)  # [batch, 2*beam, max_steps]
         is_eos = token == eos_id
