@@ -93,20 +93,24 @@ def heads_major_attention(q, k, v, mask):
     """Decoding attention: q [B, Q, H, K] against heads-major k/v [B, H, L, K] -> [B, Q, H, K];
     mask bool broadcastable to [B, H, L, Q] (keys before queries).
 
-    Same math as dot_product_attention (float32 softmax). The einsum layouts are the ones
-    XLA:CPU runs fastest for a few queries against a long cache (logits [B, H, L, Q], then
-    [B, H, Q, K]): several times faster than [B, H, Q, L] here.
+    Same math as dot_product_attention (float32 softmax), in the layout XLA:CPU runs fastest for
+    the shape (benchmarks/RESULTS.md): for one query (greedy), or several (beams) against a short
+    cache or source (L <= 16), logits [B, H, Q, L] with the softmax over the last axis, 1.5-3x
+    faster than keys-major; for several queries against a longer cache, logits [B, H, L, Q] and
+    the weighted sum of values as a broadcast multiply and a sum over L, which was 1.5-2x faster
+    than the batched dots there.
     """
-    logits = jnp.einsum("bqhk,bhtk->bhtq", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits / math.sqrt(q.shape[-1]), NEG_INF)
-    weights = jax.nn.softmax(logits, axis=2)  # [B, H, L, Q]
-    if q.shape[1] > 1:
-        # Several queries (beams): the weighted sum of values as a broadcast multiply and a sum
-        # over L, which XLA:CPU runs 1.5-2x faster than the batched dot (same result, bit for
-        # bit, on the benchmark shapes). One query (greedy): the dot is faster.
-        out = jnp.sum(weights.astype(v.dtype)[..., None] * v[:, :, :, None, :], axis=2)  # [B, H, Q, K]
+    scale = math.sqrt(q.shape[-1])
+    if q.shape[1] == 1 or k.shape[2] <= 16:
+        logits = jnp.einsum("bqhk,bhtk->bhqt", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(jnp.swapaxes(mask, -1, -2), logits / scale, NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1)  # [B, H, Q, L]
+        out = jnp.einsum("bhqt,bhtk->bhqk", weights.astype(v.dtype), v)
     else:
-        out = jnp.einsum("bhqt,bhtk->bhqk", weights.transpose(0, 1, 3, 2).astype(v.dtype), v)
+        logits = jnp.einsum("bqhk,bhtk->bhtq", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask, logits / scale, NEG_INF)
+        weights = jax.nn.softmax(logits, axis=2)  # [B, H, L, Q]
+        out = jnp.sum(weights.astype(v.dtype)[..., None] * v[:, :, :, None, :], axis=2)  # [B, H, Q, K]
     return out.transpose(0, 2, 1, 3)
 
 
