@@ -6,6 +6,8 @@ accumulated, possibly sharded) batch, so the loss does not depend on how it was 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,3 +37,81 @@ def correct_tokens(logits, targets, weights):
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     best = target_logit >= jnp.max(logits, axis=-1)
     return jnp.sum(best * weights.astype(jnp.float32))
+
+
+def projected_label_smoothed_xent(features, embedding, targets, weights, smoothing: float, chunk: int = 256):
+    """label_smoothed_xent and correct_tokens of logits = features @ embedding.T, computed
+    `chunk` tokens at a time so that the [tokens, V] logits are never stored whole.
+
+    features [N, D], embedding [V, D] (the output projection), targets int [N], weights [N] in
+    {0, 1}. Returns (loss_sum, nll_sum, correct). Only loss_sum is differentiable (nll_sum and
+    correct are metrics). Under jax.grad the forward pass also computes the gradients: each
+    chunk's logit gradient (softmax minus the smoothed target) is turned into its features'
+    gradient and added into the embedding's at once, so the backward pass keeps [N, D] and
+    [V, D] instead of the [N, V] logits and their softmax, and no [N, V] array (several times the
+    size of the last-level cache) is read or written more than once a chunk.
+    """
+    return _projected_xent(features, embedding, targets, weights.astype(jnp.float32), smoothing, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _projected_xent(features, embedding, targets, weights, smoothing, chunk):
+    sums, _, _ = _chunked_xent(features, embedding, targets, weights, smoothing, chunk, with_grads=False)
+    return sums
+
+
+def _projected_xent_fwd(features, embedding, targets, weights, smoothing, chunk):
+    sums, d_features, d_embedding = _chunked_xent(features, embedding, targets, weights, smoothing, chunk,
+                                                  with_grads=True)
+    return sums, (d_features, d_embedding)
+
+
+def _projected_xent_bwd(smoothing, chunk, residuals, cotangents):
+    d_features, d_embedding = residuals
+    g = cotangents[0]  # of loss_sum; the metrics' cotangents are ignored (see the docstring)
+    return (g * d_features).astype(d_features.dtype), (g * d_embedding).astype(d_embedding.dtype), None, None
+
+
+_projected_xent.defvjp(_projected_xent_fwd, _projected_xent_bwd)
+
+
+def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, with_grads):
+    """((loss_sum, nll_sum, correct), d loss_sum / d features, d loss_sum / d embedding); the
+    gradients are None unless with_grads. A scan over chunks of `chunk` tokens (the last padded
+    with zero-weight rows)."""
+    n, d = features.shape
+    vocab = embedding.shape[0]
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    if pad:
+        features = jnp.pad(features, ((0, pad), (0, 0)))
+        targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+    xs = (features.reshape(-1, chunk, d), targets.reshape(-1, chunk), weights.reshape(-1, chunk))
+
+    def body(d_embedding, x):
+        f, t, w = x
+        logits = jnp.dot(f, embedding.T, preferred_element_type=jnp.float32)  # [chunk, V]
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        exp = jnp.exp(logits - top)
+        total = jnp.sum(exp, axis=-1, keepdims=True)
+        lse = (jnp.log(total) + top)[:, 0]
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        nll = lse - target_logit
+        loss = (1.0 - smoothing) * nll + smoothing * (lse - jnp.mean(logits, axis=-1))
+        sums = jnp.stack([jnp.sum(loss * w), jnp.sum(nll * w), jnp.sum((target_logit >= top[:, 0]) * w)])
+        if not with_grads:
+            return d_embedding, (sums, None)
+        # d loss / d logits = softmax - (1 - smoothing) * one_hot(target) - smoothing / V, per weight.
+        is_target = jnp.arange(vocab, dtype=t.dtype) == t[:, None]
+        d_logits = (exp / total - jnp.where(is_target, 1.0 - smoothing, 0.0) - smoothing / vocab) * w[:, None]
+        d_logits = d_logits.astype(features.dtype)
+        d_f = jnp.dot(d_logits, embedding, preferred_element_type=jnp.float32).astype(features.dtype)
+        d_embedding = d_embedding + jnp.einsum("cv,cd->vd", d_logits, f, preferred_element_type=jnp.float32)
+        return d_embedding, (sums, d_f)
+
+    init = jnp.zeros(embedding.shape, jnp.float32) if with_grads else None
+    d_embedding, (sums, d_features) = jax.lax.scan(body, init, xs)
+    loss_sum, nll_sum, correct = jnp.sum(sums, axis=0)
+    if not with_grads:
+        return (loss_sum, nll_sum, correct), None, None
+    return (loss_sum, nll_sum, correct), d_features.reshape(-1, d)[:n], d_embedding.astype(embedding.dtype)

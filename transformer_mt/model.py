@@ -326,12 +326,20 @@ class Transformer(nnx.Module):
             x = x + sinusoidal_positions(positions, self.cfg.d_model).astype(self.dtype)
         return dropout(x, self.cfg.dropout, rngs)
 
+    def _features(self, h):
+        """Decoder output [B, T, D] -> what the output projection reads (the final norm applied)."""
+        return h if self.decoder_norm is None else self.decoder_norm(h)
+
     def _logits(self, h):
         """[B, T, D] -> float32 [B, T, V]."""
-        if self.decoder_norm is not None:
-            h = self.decoder_norm(h)
+        h = self._features(h)
         logits = self.tgt_embed.attend(h) if self.output is None else self.output(h)
         return logits.astype(jnp.float32)
+
+    def output_embedding(self):
+        """The output projection as [V, D] in the compute dtype: logits = features @ it.T."""
+        table = self.tgt_embed.embedding[...] if self.output is None else self.output.kernel[...].T
+        return table.astype(self.dtype)
 
     # ------------------------------------------------------------------ entry points
 
@@ -359,6 +367,20 @@ class Transformer(nnx.Module):
 
         With return_weights: (logits, {"self": per layer [B, H, T, T], "cross": per layer [B, H, T, S]}).
         """
+        x, weights = self._decoder_states(tgt_in, encoded, src_mask, rngs)
+        logits = self._logits(x)
+        if return_weights:
+            return logits, {"self": tuple(w[0] for w in weights), "cross": tuple(w[1] for w in weights)}
+        return logits
+
+    def features(self, src, tgt_in, rngs: nnx.Rngs | None = None):
+        """Teacher forcing up to the output projection: [B, T, D] with logits = features @
+        output_embedding().T; the training loss projects them itself, a chunk at a time."""
+        encoded, src_mask = self.encode(src, rngs)
+        return self._features(self._decoder_states(tgt_in, encoded, src_mask, rngs)[0])
+
+    def _decoder_states(self, tgt_in, encoded, src_mask, rngs):
+        """The decoder stack's output [B, T, D] (before the final norm) and each layer's weights."""
         T = tgt_in.shape[1]
         positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
         x = self._embed(self.tgt_embed, tgt_in, positions, rngs)
@@ -369,10 +391,7 @@ class Transformer(nnx.Module):
             cross = layer.cross_attn.project_kv(encoded)
             x, w = layer(x, causal, cross, cross_mask, positions, rngs, return_weights=True)
             weights.append(w)
-        logits = self._logits(x)
-        if return_weights:
-            return logits, {"self": tuple(w[0] for w in weights), "cross": tuple(w[1] for w in weights)}
-        return logits
+        return x, weights
 
     def __call__(self, src, tgt_in, rngs: nnx.Rngs | None = None):
         encoded, src_mask = self.encode(src, rngs)

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from transformer_mt.config import TrainConfig
-from transformer_mt.losses import correct_tokens, label_smoothed_xent
+from transformer_mt.losses import projected_label_smoothed_xent
 from transformer_mt.tokenizer import PAD_ID
 
 State = dict[str, Any]
@@ -79,15 +79,13 @@ def batch_sums(params, graphdef, batch, dropout_key, smoothing: float):
     """Summed loss over a batch and its metrics; dropout when dropout_key is not None."""
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    logits = model(batch["src"], batch["tgt_in"], rngs=rngs)
+    features = model.features(batch["src"], batch["tgt_in"], rngs=rngs)  # [B, T, D]
     weights = batch["tgt_out"] != PAD_ID
-    loss_sum, nll_sum = label_smoothed_xent(logits, batch["tgt_out"], weights, smoothing)
-    metrics = {
-        "loss_sum": loss_sum,
-        "nll_sum": nll_sum,
-        "tokens": jnp.sum(weights).astype(jnp.float32),
-        "correct": correct_tokens(logits, batch["tgt_out"], weights),
-    }
+    loss_sum, nll_sum, correct = projected_label_smoothed_xent(
+        features.reshape(-1, features.shape[-1]), model.output_embedding(), batch["tgt_out"].reshape(-1),
+        weights.reshape(-1), smoothing)
+    metrics = {"loss_sum": loss_sum, "nll_sum": nll_sum, "tokens": jnp.sum(weights).astype(jnp.float32),
+               "correct": correct}
     return loss_sum, metrics
 
 
