@@ -69,16 +69,27 @@ def dot_product_attention(q, k, v, mask, dropout_rate: float = 0.0, rngs: nnx.Rn
 
 
 def keep_mask(key, keep_prob: float, shape) -> tuple[jax.Array, float]:
-    """(bool mask with P(True) = keep_prob to 1/65536, that exact probability).
+    """(bool mask with P(True) = keep_prob to 2**-32, that exact probability).
 
-    Each 32-bit threefry draw is split into two 16-bit halves, so a mask costs half the threefry
-    evaluations of jax.random.bernoulli (one per element), which on a CPU made dropout about a
-    tenth of a training step (benchmarks/RESULTS.md, issue 11)."""
-    threshold = min(max(round(keep_prob * 65536), 1), 65536)
-    size = math.prod(shape)
-    words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
-    return halves.astype(jnp.int32) < threshold, threshold / 65536
+    Each element hashes its flat position with the key's two 32-bit words (a counter-based
+    generator: murmur3's 32-bit finaliser, keyed twice), all in one fused elementwise pass;
+    threefry's rounds ran as separate loops over materialised words and were 12% of a training
+    step at the default size (benchmarks/RESULTS.md, issue 11). A pure function of key and
+    position, so a resumed run draws the same masks."""
+    threshold = min(max(round(keep_prob * 2.0**32), 1), 2**32 - 1)
+    seed = jax.random.key_data(key).reshape(-1)
+    position = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    bits = _mix32(_mix32(position * jnp.uint32(0x9E3779B9) ^ seed[0]) ^ seed[-1])
+    return bits < jnp.uint32(threshold), threshold / 2.0**32
+
+
+def _mix32(h):
+    """murmur3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
 def dropout(x, rate: float, rngs: nnx.Rngs | None):
