@@ -69,7 +69,12 @@ def main() -> None:
                    help="use the persistent compilation cache (default off: compile time is measured)")
     p.add_argument("--source", help="source file (default: the run's data.test_files[0])")
     p.add_argument("--json-out", help="also write the figures here")
+    p.add_argument("--cpu-devices", type=int, default=2,
+                   help="as translate's --cpu-devices: split a CPU into N devices (default 2, the CLI's default)")
     args = p.parse_args()
+    from transformer_mt.sharding import split_cpu
+
+    split_cpu(args.cpu_devices)
 
     try:
         from transformer_mt import compile_cache
@@ -89,8 +94,9 @@ def main() -> None:
     if args.free:
         settings.append(("free", {}))
     report = {"checkpoint": args.checkpoint, "step": step, "source": source, "device": str(jax.devices()[0]),
-              "results": {}}
-    print(f"{len(lines)} sentences of {source}; checkpoint step {step}; {jax.devices()[0]}", file=sys.stderr)
+              "devices": len(jax.devices()), "results": {}}
+    print(f"{len(lines)} sentences of {source}; checkpoint step {step}; {len(jax.devices())} x {jax.devices()[0]}",
+          file=sys.stderr)
     for name, overrides in settings:
         for beam in (int(b) for b in args.beams.split(",")):
             s = tr.settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, **overrides)

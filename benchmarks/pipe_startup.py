@@ -32,12 +32,15 @@ def main() -> None:
     p.add_argument("--beam", type=int, help="beam size (default: the run's config)")
     p.add_argument("--runs", type=int, default=2, help="runs sharing one fresh compilation cache")
     p.add_argument("--text", default="A dog runs in the park .")
+    p.add_argument("--cpu-devices", type=int, help="translate's --cpu-devices (default: translate's default)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         cmd = [sys.executable, "-m", "transformer_mt.cli", "translate", "--checkpoint", args.checkpoint,
                "--buffer-lines", "1", "--compile-cache", cache]
         if args.beam:
             cmd += ["--beam", str(args.beam)]
+        if args.cpu_devices:
+            cmd += ["--cpu-devices", str(args.cpu_devices)]
         for run in range(1, args.runs + 1):
             seconds, line = time_to_first_line(cmd, args.text)
             print(f"run {run}: first line after {seconds:.2f} s ({'empty' if run == 1 else 'filled'} cache): {line!r}")

@@ -1,6 +1,7 @@
 """Translation and evaluation end to end on a small trained run (see conftest.trained_run)."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -76,10 +77,17 @@ def test_cli_translate_file_stdin_and_evaluate(trained_run, tmp_path):
     hyps = out.read_text(encoding="utf-8").split("\n")
     assert len(hyps) == len(SOURCES) + 1 and hyps[-1] == ""  # one line per input line
     # The real entry point, once, in a subprocess: stdin piped in chunks of 3 lines, stdout piped out.
-    r = cli("translate", "--checkpoint", str(trained_run), "--beam", "4", "--buffer-lines", "3",
+    # It splits the CPU into two devices (--cpu-devices 2, the default for files), this process runs
+    # on one: the same translations.
+    r = cli("translate", "--checkpoint", str(trained_run), "--beam", "4", "--buffer-lines", "3", "--cpu-devices", "2",
             input=src.read_bytes())
     assert r.returncode == 0 and r.stdout.decode("utf-8") == out.read_text(encoding="utf-8")
-    assert "Traceback" not in r.stderr.decode()
+    devices = min(2, len(os.sched_getaffinity(0)))
+    assert "Traceback" not in r.stderr.decode() and f"on {devices} cpu device(s)" in r.stderr.decode()
+    greedy_here = cli_here("translate", "--checkpoint", str(trained_run), "--beam", "1", "-i", str(src))
+    greedy = cli("translate", "--checkpoint", str(trained_run), "--beam", "1", "--cpu-devices", "2",
+                 input=src.read_bytes())
+    assert greedy.returncode == 0 and greedy.stdout == greedy_here.stdout
     r = cli_here("translate", "--checkpoint", str(trained_run), "--beam", "3", "--nbest", "2", "-i", str(src))
     assert len(r.stdout.decode().splitlines()) == 2 * len(SOURCES)
     ref = tmp_path / "ref.de"

@@ -14,6 +14,7 @@ import signal
 import sys
 
 EXIT_USER_ERROR = 2
+DECODE_CPU_DEVICES = 2  # default of --cpu-devices (sharding.split_cpu)
 EXIT_INTERRUPTED = 130
 
 
@@ -92,6 +93,12 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0; lower is greedier)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0): the same seed draws the same samples, "
                    "whatever the batching")
+    p.add_argument("--cpu-devices", type=int, metavar="N",
+                   help=f"on a CPU, split it into N devices (at most one per core) that decode the rows of each "
+                   f"batch side by side: 1.2-1.4x the sentences/s of one device on 2 cores. Default: "
+                   f"{DECODE_CPU_DEVICES} when translating a file, 1 for stdin (a pipe's first line comes ~0.4 s "
+                   "sooner on one). No effect on GPUs and TPUs or when XLA_FLAGS sets "
+                   "--xla_force_host_platform_device_count. The translations are the same")
 
 
 def _add_evaluate(sub) -> None:
@@ -252,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformer_mt import compile_cache
 
     quiet_orbax_background_errors()
+    if hasattr(args, "cpu_devices"):
+        from transformer_mt.sharding import split_cpu
+
+        reads_file = args.command == "evaluate" or getattr(args, "input", "-") != "-"
+        split_cpu(args.cpu_devices or (DECODE_CPU_DEVICES if reads_file else 1))  # before JAX's backends start
     if hasattr(args, "compile_cache"):
         compile_cache.enable(args.compile_cache, disabled=args.no_compile_cache)
 

@@ -34,6 +34,28 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def split_cpu(count: int) -> int:
+    """Makes the host CPU `count` JAX devices, so that decoding splits each batch's rows over
+    them and their small per-step operations run side by side: on the 2-core CPU of
+    benchmarks/RESULTS.md two devices decode 1.2-1.4x faster than one device using both cores.
+    Must run before JAX starts its backends. Left alone (returns the device count JAX will use,
+    None if not known yet) when count < 2, when XLA_FLAGS sets the host device count itself, in a
+    multi-host job, or once the backends are running (a process that already computed something)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    count = min(count, cores)
+    if (count < 2 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TRANSFORMER_MT_DISTRIBUTED") == "1"):
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backends already run with their devices
+        return None
+    return count
+
+
 def make_mesh(devices=None) -> Mesh:
     devices = np.asarray(devices if devices is not None else jax.devices())
     return Mesh(devices.reshape(-1, 1), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))

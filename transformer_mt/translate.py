@@ -341,7 +341,9 @@ def translate_command(args) -> int:
     n_lines = translate_stream(translator, params, _settings_from_args(cfg, args), args.input, args.output,
                                args.buffer_lines, progress=not args.no_progress, prefix=args.prefix,
                                alignment=args.alignment)
-    print(f"translated {n_lines} line(s) with checkpoint step {step}", file=sys.stderr)
+    devices = translator.mesh.devices.flat
+    print(f"translated {n_lines} line(s) with checkpoint step {step} on {len(devices)} {devices[0].platform} "
+          "device(s)", file=sys.stderr)
     return 0
 
 
