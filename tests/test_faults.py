@@ -90,7 +90,7 @@ def test_damaged_checkpoint_is_skipped_and_moved_aside(tmp_path, capsys):
     err = r.stderr.decode().strip().splitlines()
     assert r.returncode == 0 and r.stdout.count(b"\n") == 1
     assert len(err) == 2 and "checkpoints/6" in err[0] and "cannot be restored" in err[0], err[:5]
-    assert err[1] == "translated 1 line(s) with checkpoint step 3"
+    assert err[1].startswith("translated 1 line(s) with checkpoint step 3 on ")
     assert (run / "checkpoints" / "6").is_dir()
 
     train(None, run, resume=True, progress_bar=False)  # resume: 6 moved aside, 3 -> 6 redone
