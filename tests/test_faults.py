@@ -79,10 +79,10 @@ def test_damaged_checkpoint_is_skipped_and_moved_aside(tmp_path, capsys):
     good = Checkpoints(run / "checkpoints").read_state(6)
     # What a save killed mid-write leaves: a temporary directory of a newer step. Never listed.
     shutil.copytree(run / "checkpoints" / "6", run / "checkpoints" / "9.orbax-checkpoint-tmp-1234")
-    # Step 6 damaged after its commit (disk error, interrupted copy): its largest file cut in half.
-    files = [p for p in (run / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
-    largest = max(files, key=lambda p: p.stat().st_size)
-    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    # Step 6 damaged after its commit (disk error, interrupted copy): every array data file of its
+    # state cut in half (translate reads only the parameters, which may sit in any of them).
+    for file in (p for p in (run / "checkpoints" / "6" / "state").glob("ocdbt.process_*/d/*") if p.is_file()):
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     capsys.readouterr()
 
     # translate (the real entry point) falls back with one warning and leaves the run as it is

@@ -113,6 +113,11 @@ def test_checkpoint_round_trip_is_bit_exact(overfitted, tmp_path):
     for a, b in zip(flat_a, flat_b):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Translation's partial restore reads the same parameters, and nothing else.
+    params = Checkpoints(tmp_path / "ckpt").restore_params(1, target["params"])
+    assert jax.tree.structure(params) == jax.tree.structure(state["params"])
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resume_continues_exactly(tmp_path):

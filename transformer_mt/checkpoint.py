@@ -107,9 +107,33 @@ class Checkpoints:
             raise CheckpointDamaged(f"checkpoint {self.directory}/{step} cannot be restored ({error_line(e)})") from e
         return restored["state"], restored["meta"]
 
+    def restore_params(self, step: int, target: Any) -> Any:
+        """Only the "params" of a checkpoint's train state, onto target (the params' arrays or
+        ShapeDtypeStructs carrying shardings): a partial restore that skips the optimizer state,
+        ~5x faster than `restore` (0.2 vs 1.0 s for the default model), which a translation's
+        start-up pays. Raises like `restore`."""
+        if step not in self.steps():
+            raise ConfigError(f"no checkpoint for step {step} in {self.directory} (have {self.steps()})")
+        try:
+            self.check_matches(step, {"params": target})
+            abstract = {"params": jax.tree.map(_abstract, target)}
+            restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+            restored = ocp.PyTreeCheckpointer().restore(
+                self.directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True))
+        except ConfigError:
+            raise
+        except Exception as e:  # orbax/tensorstore report damage with many exception types
+            raise CheckpointDamaged(f"checkpoint {self.directory}/{step} cannot be restored ({error_line(e)})") from e
+        return restored["params"]
+
     def check_matches(self, step: int, target: Any) -> None:
-        """Raises CheckpointMismatch naming the first array whose shape differs from target's."""
-        difference = first_difference(target, self.array_metadata(step))
+        """Raises CheckpointMismatch naming the first array whose shape differs from target's
+        (a target of some top-level entries of the train state is compared with those only)."""
+        saved = self.array_metadata(step)
+        if isinstance(target, dict) and hasattr(saved, "keys"):
+            saved = {k: saved[k] for k in saved.keys() if k in target}
+        difference = first_difference(target, saved)
         if difference:
             raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not match the model: {difference}; "
                                      "was config.yaml or the tokenizer (spm*.model) of this run changed?")
