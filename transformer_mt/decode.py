@@ -43,19 +43,28 @@ def chunk_maxima(x, banned_ids=(), chunk: int = CHUNK):
     *lead, vocab_size = x.shape
     chunks = x.reshape(*lead, vocab_size // chunk, chunk)
     maxima = jnp.max(chunks, axis=-1)
-    for c in sorted({int(i) // chunk for i in banned_ids}):
+    for c in _banned_chunks(banned_ids, chunk):
         keep = ~np.isin(np.arange(c * chunk, (c + 1) * chunk), banned_ids)
         maxima = maxima.at[..., c].set(jnp.max(jnp.where(keep, chunks[..., c, :], -jnp.inf), axis=-1))
     return maxima
 
 
-def _row_max(x, maxima, banned_ids=()):
-    """jnp.max(x, axis=-1, keepdims=True), from x's chunk maxima over allowed ids and the banned
-    ids' own entries (the same value: a maximum is exact)."""
+def _banned_chunks(banned_ids, chunk: int) -> list[int]:
+    """The chunks (of `chunk` ids) that hold a banned id."""
+    return sorted({int(i) // chunk for i in banned_ids})
+
+
+def _maxima_and_top(x, banned_ids=(), chunk: int = CHUNK):
+    """(chunk_maxima(x) or None when x's last axis is not chunkable, jnp.max(x, axis=-1,
+    keepdims=True)). With maxima, the row maximum is taken from them and the banned ids' own
+    entries: the same value (a maximum is exact) without another pass over x."""
+    if not _chunkable(x.shape[-1], chunk):
+        return None, jnp.max(x, axis=-1, keepdims=True)
+    maxima = chunk_maxima(x, banned_ids, chunk)
     top = jnp.max(maxima, axis=-1, keepdims=True)
     if banned_ids:
         top = jnp.maximum(top, jnp.max(x[..., np.asarray(banned_ids)], axis=-1, keepdims=True))
-    return top
+    return maxima, top
 
 
 def first_argmax(x, banned_ids=(), chunk: int = CHUNK, maxima=None):
@@ -72,7 +81,7 @@ def first_argmax(x, banned_ids=(), chunk: int = CHUNK, maxima=None):
     best = _plain_first_argmax(maxima)  # [B]
     within = jnp.take_along_axis(x.reshape(rows, -1, chunk), best[:, None, None], axis=1)[:, 0]  # [B, chunk]
     if banned_ids:
-        banned = jnp.asarray(np.isin(np.arange(vocab_size), banned_ids).reshape(-1, chunk))[best]
+        banned = _banned(vocab_size, banned_ids).reshape(-1, chunk)[best]
         within = jnp.where(banned, -jnp.inf, within)
     return best * chunk + _plain_first_argmax(within)
 
@@ -85,7 +94,7 @@ def _plain_first_argmax(x):
     return jnp.minimum(index, vocab - 1)  # a row of NaNs has no maximum
 
 
-def top_k(x, k: int, chunk: int = 32):
+def top_k(x, k: int, chunk: int = CHUNK):
     """lax.top_k(x [B, M], k), the same values and indices (ties: lowest index first), for k much
     smaller than M: the k best chunks of `chunk` entries by their maximum hold the k best entries,
     so one vectorised max over all of x and two small top-k's replace a top-k over all of x, which
@@ -143,8 +152,7 @@ def _extension_scores(logits, alive_logp, step, eos_id, max_lens, prefix=None, p
     (subtractions and an addition, each rounded monotonically), so the best score of a chunk is
     the score of its best allowed logit, bit for bit, and [batch, beam, V] scores are never formed."""
     batch, beam, vocab_size = logits.shape
-    maxima = chunk_maxima(logits, banned_ids, chunk) if _chunkable(vocab_size, chunk) else None
-    top = jnp.max(logits, axis=-1, keepdims=True) if maxima is None else _row_max(logits, maxima, banned_ids)
+    maxima, top = _maxima_and_top(logits, banned_ids, chunk)
     # As jax.nn.log_softmax computes it: (x - max) - log(sum(exp(x - max))).
     rows = {"alive": alive_logp[:, :, None], "max": top,
             "log_norm": jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)),
@@ -168,7 +176,7 @@ def _extension_scores(logits, alive_logp, step, eos_id, max_lens, prefix=None, p
         return rows, score, None
     alive, floor = rows["alive"], rows["alive"] + NEG_INF  # floor: a not-allowed extension's score
     ids = np.arange(vocab_size // chunk)
-    with_banned = np.isin(ids, [int(i) // chunk for i in banned_ids])
+    with_banned = np.isin(ids, _banned_chunks(banned_ids, chunk))
     free = alive + logp(maxima, rows)  # -inf where every id of the chunk is banned
     best = jnp.where(with_banned, jnp.maximum(free, floor), free)
 
@@ -230,14 +238,12 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
         # No full log-softmax: the first argmax of the allowed logits, scored by its
         # log-probability (computed as jax.nn.log_softmax does, as beam search scores it).
         logits = logits.astype(jnp.float32)
-        vocab_size = logits.shape[-1]
-        maxima = chunk_maxima(logits, banned_ids) if _chunkable(vocab_size) else None
-        top = jnp.max(logits, axis=-1, keepdims=True) if maxima is None else _row_max(logits, maxima, banned_ids)
+        maxima, top = _maxima_and_top(logits, banned_ids)
         log_norm = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # [B]
         if sampler is None:
             nxt = first_argmax(logits, banned_ids, maxima=maxima)
         else:
-            banned = _banned(vocab_size, banned_ids)
+            banned = _banned(logits.shape[-1], banned_ids)
             shifted = logits - top
             choosable = shifted if banned is None else jnp.where(banned, -jnp.inf, shifted)
             nxt = sampler(choosable, jax.vmap(jax.random.fold_in, (0, None))(keys, step))

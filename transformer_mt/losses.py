@@ -2,6 +2,8 @@
 
 Sums, not means: the caller divides by the number of target tokens of the whole (possibly
 accumulated, possibly sharded) batch, so the loss does not depend on how it was split.
+Training uses `projected_label_smoothed_xent` (the output projection fused in, chunked);
+`label_smoothed_xent` and `correct_tokens` are the same math on given logits, its reference.
 """
 
 from __future__ import annotations

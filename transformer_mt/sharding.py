@@ -34,13 +34,13 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def split_cpu(count: int) -> int:
-    """Makes the host CPU `count` JAX devices, so that decoding splits each batch's rows over
-    them and their small per-step operations run side by side: on the 2-core CPU of
-    benchmarks/RESULTS.md two devices decode 1.2-1.4x faster than one device using both cores.
-    Must run before JAX starts its backends. Left alone (returns the device count JAX will use,
-    None if not known yet) when count < 2, when XLA_FLAGS sets the host device count itself, in a
-    multi-host job, or once the backends are running (a process that already computed something)."""
+def split_cpu(count: int) -> int | None:
+    """Makes the host CPU `count` JAX devices (at most one per core), so that decoding splits
+    each batch's rows over them and their small per-step operations run side by side: on the
+    2-core CPU of benchmarks/RESULTS.md two devices decode 1.2-1.4x faster than one device using
+    both cores. Must run before JAX starts its backends. Returns the device count set, or None
+    when left alone: count < 2, XLA_FLAGS sets the host device count itself, a multi-host job, or
+    backends already running (a process that already computed something)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
