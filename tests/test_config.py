@@ -31,6 +31,8 @@ def test_overrides_are_typed():
     ("data.train_files=x.txt", "config key 'data.train_files': expected a list"),
     ("model.positional=learned", "config key 'model.positional'"),
     ("nodot=3", "must be section.key"),
+    ("data.pack_lengths=[16]", "data.pack_lengths: the longest (16) must be at least data.max_len (32)"),
+    ("data.pack_lengths=[32, 16]", "data.pack_lengths must be an increasing list"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=None) as info:

@@ -1,4 +1,4 @@
-"""Data: local formats, line-count checks, SentencePiece round trip, bucketed batching."""
+"""Data: local formats, line-count checks, SentencePiece round trip, bucketed and packed batching."""
 
 import gzip
 import json
@@ -157,6 +157,71 @@ def test_process_slices_partition_each_batch(spm_tok):
     halves = [next(data_lib.TrainStream(examples, cfg, seed=0, row_multiple=2, process_index=p, process_count=2))
               for p in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["src"] for h in halves]), whole["src"])
+
+
+def unpack(batch):
+    """The (src, tgt) pairs of a packed batch, read back through its segment ids and positions."""
+    pairs = []
+    for r in range(batch["src"].shape[0]):
+        for segment in range(1, batch["src_segments"][r].max() + 1):
+            on_src, on_tgt = batch["src_segments"][r] == segment, batch["tgt_segments"][r] == segment
+            assert np.ptp(np.flatnonzero(on_src)) == on_src.sum() - 1  # one contiguous run per side
+            assert np.ptp(np.flatnonzero(on_tgt)) == on_tgt.sum() - 1
+            assert (batch["src_positions"][r][on_src] == np.arange(on_src.sum())).all()
+            assert (batch["tgt_positions"][r][on_tgt] == np.arange(on_tgt.sum())).all()
+            tgt_in, tgt_out = batch["tgt_in"][r][on_tgt], batch["tgt_out"][r][on_tgt]
+            assert tgt_in[0] == tok_lib.BOS_ID and tgt_out[-1] == tok_lib.EOS_ID
+            assert (tgt_in[1:] == tgt_out[:-1]).all()  # teacher forcing: input is output shifted
+            pairs.append((tuple(batch["src"][r][on_src]), tuple(tgt_out[:-1])))
+        padding = batch["src_segments"][r] == 0
+        assert (batch["src"][r][padding] == 0).all() and (batch["tgt_out"][r][batch["tgt_segments"][r] == 0] == 0).all()
+    return pairs
+
+
+def test_packed_batches_hold_every_pair_once_and_resume(spm_tok):
+    cfg = tiny_config("data.pack_lengths=[16, 32]", "data.bucket_lengths=[16, 32]", "data.max_len=32",
+                      "data.batch_tokens=256").data
+    src, tgt = read_gz("train.en.gz", 1500), read_gz("train.de.gz", 1500)
+    examples = data_lib.tokenize_pairs(spm_tok, src, tgt, cfg.max_len)
+    stream = data_lib.TrainStream(examples, cfg, seed=3, row_multiple=4)
+    plan = stream.plan(0)
+    seen = sorted(i for _, rows in plan for row in rows for i in row)
+    assert seen == list(range(len(examples)))  # each pair exactly once
+    got, shapes = [], set()
+    for _ in range(len(plan)):
+        batch = next(stream)
+        shapes.add(batch["src"].shape)
+        assert all(batch[k].shape == batch["src"].shape for k in batch)
+        got += unpack(batch)
+    want = [(tuple(s), tuple(t)) for s, t in zip(examples.src, examples.tgt)]
+    assert sorted(got) == sorted(want)  # every pair, intact
+    assert shapes == {(16, 16), (8, 32)}  # rows = batch_tokens // length, a multiple of 4
+    # A pair takes the shortest row length that holds it, and rows are filled well.
+    filled = rows_of_16 = 0
+    for length, rows in plan:
+        for row in rows:
+            need = [max(len(examples.src[i]), len(examples.tgt[i]) + 1) for i in row]
+            assert all(n > 16 for n in need) if length == 32 else all(n <= 16 for n in need)
+            if length == 16 and row:
+                filled, rows_of_16 = filled + sum(len(examples.tgt[i]) + 1 for i in row), rows_of_16 + 1
+    assert filled / (16 * rows_of_16) > 0.75  # one pair a row would fill ~0.6
+    # The plan is a pure function of (seed, epoch): a new stream resumes mid-epoch exactly.
+    first = [next(stream) for _ in range(3)]
+    again = data_lib.TrainStream(examples, cfg, seed=3, row_multiple=4)
+    again.set_position({"epoch": 1, "index": 0})
+    for a in first:
+        b = next(again)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert stream.plan(2) != stream.plan(1)
+    # Two processes take complementary halves of every batch's rows.
+    halves = [next(data_lib.TrainStream(examples, cfg, seed=3, row_multiple=4, process_index=p, process_count=2))
+              for p in range(2)]
+    whole = next(data_lib.TrainStream(examples, cfg, seed=3, row_multiple=4))
+    for k in whole:
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), whole[k])
+    # Validation batches: every pair once, packed longest first.
+    valid = data_lib.eval_batches(examples, cfg, row_multiple=4)
+    assert sorted(p for b in valid for p in unpack(b)) == sorted(want)
 
 
 def test_parallel_text_splits_on_newline_only(tmp_path):

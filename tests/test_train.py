@@ -120,9 +120,11 @@ def test_checkpoint_round_trip_is_bit_exact(overfitted, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_resume_continues_exactly(tmp_path):
-    """2N steps in one go == N steps, stop, --resume, N more (params bit for bit on CPU)."""
-    overrides = ("train.log_every=3", "train.checkpoint_every=0", "train.eval_every=3")
+@pytest.mark.parametrize("layout", [(), ("data.pack_lengths=[16]",)], ids=["buckets", "packed"])
+def test_resume_continues_exactly(tmp_path, layout):
+    """2N steps in one go == N steps, stop, --resume, N more (params bit for bit on CPU), with
+    bucketed and with packed batches (training and validation)."""
+    overrides = ("train.log_every=3", "train.checkpoint_every=0", "train.eval_every=3", *layout)
     straight = tiny_config("train.max_steps=6", *overrides)
     train(straight, tmp_path / "straight", progress_bar=False)
     train(tiny_config("train.max_steps=3", *overrides), tmp_path / "split", progress_bar=False)

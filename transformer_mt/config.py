@@ -43,6 +43,11 @@ class DataConfig:
     batch_tokens: int = 4096
     # Padded sequence lengths; each batch is padded to the smallest one that fits.
     bucket_lengths: tuple[int, ...] = (8, 16, 24, 32, 48, 64, 96, 128)
+    # Training and validation batches: empty pads each pair to its bucket length (one compile per
+    # bucket); lengths [N, ...] pack several pairs into each row of N tokens per side, kept apart
+    # by segment ids: a pair goes to the shortest row length that holds it (one compile per
+    # length, little padding; rows = batch_tokens // N). The last must be >= max_len.
+    pack_lengths: tuple[int, ...] = ()
     # Cap on training pairs read (0 = all); handy for smoke tests.
     max_train_examples: int = 0
 
@@ -295,6 +300,14 @@ def validate(config: Config) -> None:
         )
     if d.batch_tokens < d.bucket_lengths[-1]:
         raise ConfigError("data.batch_tokens must hold at least one sequence of the largest bucket")
+    if d.pack_lengths:
+        if list(d.pack_lengths) != sorted(set(d.pack_lengths)) or d.pack_lengths[0] < 1:
+            raise ConfigError("data.pack_lengths must be an increasing list of positive lengths (or [] for buckets)")
+        if d.pack_lengths[-1] < d.max_len:
+            raise ConfigError(f"data.pack_lengths: the longest ({d.pack_lengths[-1]}) must be at least data.max_len "
+                              f"({d.max_len}), so that every training pair fits a row")
+        if d.pack_lengths[-1] > d.batch_tokens:
+            raise ConfigError(f"data.pack_lengths: {d.pack_lengths[-1]} exceeds data.batch_tokens ({d.batch_tokens})")
     if t.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
     if not d.dataset and not d.train_files:

@@ -1,8 +1,9 @@
-"""Parallel text -> token ids -> length-bucketed, padded numpy batches.
+"""Parallel text -> token ids -> length-bucketed or packed, padded numpy batches.
 
-Every batch is padded to one of a few fixed shapes (rows, bucket_length), so jit compiles a
-bounded number of programs. The batch order of an epoch is a pure function of (seed, epoch),
-so a data position (epoch, batch index) recorded in a checkpoint resumes the exact stream.
+Every batch has one of a few fixed shapes, so jit compiles a bounded number of programs:
+bucketed, a batch is padded to its bucket length (rows, bucket_length); packed
+(data.pack_lengths), several pairs share each row (rows, pack length), told apart by segment ids. The batch order of an epoch is a pure function of (seed, epoch), so a data
+position (epoch, batch index) recorded in a checkpoint resumes the exact stream.
 """
 
 from __future__ import annotations
@@ -143,7 +144,12 @@ class Examples:
 
     def lengths(self) -> np.ndarray:
         """Padded length each pair needs: source with EOS, target with BOS (input) / EOS (output)."""
-        return np.array([max(len(s), len(t) + 1) for s, t in zip(self.src, self.tgt)], dtype=np.int64)
+        return np.maximum(*self.side_lengths())
+
+    def side_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens each pair takes in a row: (source with EOS, target with BOS / EOS)."""
+        return (np.array([len(s) for s in self.src], dtype=np.int64),
+                np.array([len(t) + 1 for t in self.tgt], dtype=np.int64))
 
 
 def tokenize_pairs(tok: Tokenizer, src: Sequence[str], tgt: Sequence[str], max_len: int | None) -> Examples:
@@ -235,6 +241,110 @@ def epoch_plan(lengths: np.ndarray, buckets: Sequence[int], batch_tokens: int, r
     return plan
 
 
+# ----------------------------------------------------------------------------- packing
+
+PACK_POOL = 64  # rows open at once while packing: more fill tighter, at more work per pair
+PACKED_KEYS = ("src_segments", "tgt_segments", "src_positions", "tgt_positions")
+
+
+def pack_rows(src_len: np.ndarray, tgt_len: np.ndarray, order: Sequence[int], length: int,
+              pool: int = PACK_POOL) -> list[tuple[int, ...]]:
+    """Example indices per row of `length` tokens a side, taking the pairs in `order`.
+
+    A pair joins the open row it leaves least room in (best fit, both sides counted). When no
+    open row has room for it, the fullest of the `pool` open rows is closed and a new row takes
+    the pair. Rows come out in the order they close, so a shuffled `order` gives shuffled rows.
+    """
+    free_src = np.full(pool, -1, np.int64)  # -1: a slot with no row open in it yet
+    free_tgt = np.full(pool, -1, np.int64)
+    members: list[list[int]] = [[] for _ in range(pool)]
+    rows: list[tuple[int, ...]] = []
+    for i in order:
+        s, t = int(src_len[i]), int(tgt_len[i])
+        if s > length or t > length:
+            raise ValueError(f"pair {i} ({s}/{t} tokens) does not fit a row of {length}")
+        fits = (free_src >= s) & (free_tgt >= t)
+        if fits.any():
+            j = int(np.argmin(np.where(fits, free_src + free_tgt, 4 * length)))
+        else:  # an empty slot if any (free -1 each side), else the fullest row, which closes
+            j = int(np.argmin(free_src + free_tgt))
+            if members[j]:
+                rows.append(tuple(members[j]))
+            members[j], free_src[j], free_tgt[j] = [], length, length
+        members[j].append(int(i))
+        free_src[j] -= s
+        free_tgt[j] -= t
+    rows.extend(tuple(m) for m in members if m)
+    return rows
+
+
+def packed_plan(examples: Examples, pack_lengths: Sequence[int], batch_tokens: int, row_multiple: int, seed: int,
+                epoch: int, shuffle: bool = True) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """The packed batches of one epoch as (row length, rows of example indices; () is an empty row).
+
+    Each pair goes to the shortest of pack_lengths that holds it. A batch of length L has
+    batch_tokens // L rows, rounded up to a multiple of the data-parallel size with empty rows
+    (so the count itself does not depend on the device count). A pure function of (seed,
+    epoch), like epoch_plan. Unshuffled, pairs are packed longest first, which fills rows
+    tightest.
+    """
+    src_len, tgt_len = examples.side_lengths()
+    need = np.maximum(src_len, tgt_len)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(examples)) if shuffle else np.argsort(-need, kind="stable")
+    group = np.searchsorted(np.asarray(pack_lengths), need[order])  # the shortest length that holds each
+    plan = []
+    for g, length in enumerate(pack_lengths):
+        rows = pack_rows(src_len, tgt_len, order[group == g], length)
+        per_batch = max(batch_tokens // length, 1)
+        n_rows = -(-per_batch // row_multiple) * row_multiple
+        plan += [(length, rows[k : k + per_batch] + [()] * (n_rows - len(rows[k : k + per_batch])))
+                 for k in range(0, len(rows), per_batch)]
+    if shuffle:
+        plan = [plan[i] for i in rng.permutation(len(plan))]
+    return plan
+
+
+def pack_batch(examples: Examples, rows: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
+    """Builds {src, tgt_in, tgt_out} int32 [rows, length] holding each row's pairs one after
+    another, and PACKED_KEYS: per token its pair's segment id (1, 2, ... within the row; 0 is
+    padding) and its position within the pair. Attention stays within a segment (model.py)."""
+    n = len(rows)
+    out = {k: np.full((n, length), PAD_ID, np.int32) for k in ("src", "tgt_in", "tgt_out")}
+    out.update({k: np.zeros((n, length), np.int32) for k in PACKED_KEYS})
+    for r, row in enumerate(rows):
+        at_src = at_tgt = 0
+        for segment, i in enumerate(row, start=1):
+            s, t = examples.src[i], examples.tgt[i]
+            end_src, end_tgt = at_src + len(s), at_tgt + len(t) + 1
+            out["src"][r, at_src:end_src] = s
+            out["src_segments"][r, at_src:end_src] = segment
+            out["src_positions"][r, at_src:end_src] = np.arange(len(s))
+            out["tgt_in"][r, at_tgt] = BOS_ID
+            out["tgt_in"][r, at_tgt + 1 : end_tgt] = t
+            out["tgt_out"][r, at_tgt : end_tgt - 1] = t
+            out["tgt_out"][r, end_tgt - 1] = EOS_ID
+            out["tgt_segments"][r, at_tgt:end_tgt] = segment
+            out["tgt_positions"][r, at_tgt:end_tgt] = np.arange(len(t) + 1)
+            at_src, at_tgt = end_src, end_tgt
+    return out
+
+
+def plan_epoch(examples: Examples, lengths: np.ndarray, cfg: DataConfig, row_multiple: int, seed: int,
+               epoch: int, shuffle: bool = True) -> list:
+    """The batches of one epoch, packed or bucketed as cfg says."""
+    if cfg.pack_lengths:
+        return packed_plan(examples, cfg.pack_lengths, cfg.batch_tokens, row_multiple, seed, epoch, shuffle)
+    return epoch_plan(lengths, cfg.bucket_lengths, cfg.batch_tokens, row_multiple, seed, epoch, shuffle)
+
+
+def make_batch(examples: Examples, cfg: DataConfig, length: int, rows) -> dict[str, np.ndarray]:
+    """One planned batch (or this process's rows of it) as arrays."""
+    if cfg.pack_lengths:
+        return pack_batch(examples, rows, length)
+    return pad_batch(examples, rows, len(rows), length)
+
+
 class TrainStream:
     """Endless stream of global training batches with a resumable position.
 
@@ -255,8 +365,7 @@ class TrainStream:
 
     def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         if epoch != self._plan_epoch:
-            self._plan = epoch_plan(self.lengths, self.cfg.bucket_lengths, self.cfg.batch_tokens,
-                                    self.row_multiple, self.seed, epoch)
+            self._plan = plan_epoch(self.examples, self.lengths, self.cfg, self.row_multiple, self.seed, epoch)
             self._plan_epoch = epoch
         return self._plan
 
@@ -279,18 +388,18 @@ class TrainStream:
         self.index += 1
         per_process = len(indices) // self.process_count
         local = indices[self.process_index * per_process : (self.process_index + 1) * per_process]
-        return pad_batch(self.examples, local, per_process, length)
+        return make_batch(self.examples, self.cfg, length, local)
 
 
 def eval_batches(examples: Examples, cfg: DataConfig, row_multiple: int = 1, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """Every example once, sorted by length, in bucket shapes (validation loss)."""
-    plan = epoch_plan(examples.lengths(), cfg.bucket_lengths, cfg.batch_tokens, row_multiple, 0, 0, shuffle=False)
+    """Every example once, sorted by length, in the training batches' shapes (validation loss)."""
+    plan = plan_epoch(examples, examples.lengths(), cfg, row_multiple, 0, 0, shuffle=False)
     out = []
     for length, indices in plan:
         per_process = len(indices) // process_count
         local = indices[process_index * per_process : (process_index + 1) * per_process]
-        out.append(pad_batch(examples, local, per_process, length))
+        out.append(make_batch(examples, cfg, length, local))
     return out
 
 

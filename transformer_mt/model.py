@@ -57,8 +57,9 @@ def dot_product_attention(q, k, v, mask, dropout_rate: float = 0.0, rngs: nnx.Rn
     q [B, Tq, H, K], k/v [B, Tk, H, K], mask bool broadcastable to [B, H, Tq, Tk]. With
     return_weights, also the float32 weights [B, H, Tq, Tk] (before dropout), for inspection.
     """
+    # The 1/sqrt(K) scale goes on q ([B, Tq, H, K]), not on the larger logits ([B, H, Tq, Tk]).
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-    logits = logits / math.sqrt(q.shape[-1])
     logits = jnp.where(mask, logits, NEG_INF)
     probs = weights = jax.nn.softmax(logits, axis=-1)
     if rngs is not None and dropout_rate > 0.0:
@@ -331,10 +332,17 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def _embed(self, embed: nnx.Embed, ids, positions, rngs):
+    def _embed(self, embed: nnx.Embed, ids, positions, rngs, table_len: int | None = None):
+        """Scaled embeddings plus sinusoids of positions; with table_len (every position below
+        it), the sinusoids are a table of table_len rows, gathered: a packed batch's positions
+        then cost one lookup per token, not a sin and a cos per feature."""
         x = embed(ids) * jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)  # [B, L, D]
         if self.cfg.positional == "sinusoidal":
-            x = x + sinusoidal_positions(positions, self.cfg.d_model).astype(self.dtype)
+            if table_len is not None:
+                pos = sinusoidal_positions(jnp.arange(table_len), self.cfg.d_model)[positions]
+            else:
+                pos = sinusoidal_positions(positions, self.cfg.d_model)
+            x = x + pos.astype(self.dtype)
         return dropout(x, self.cfg.dropout, rngs)
 
     def _features(self, h):
@@ -354,17 +362,25 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ entry points
 
-    def encode(self, src, rngs: nnx.Rngs | None = None, src_mask=None, return_weights: bool = False):
+    def encode(self, src, rngs: nnx.Rngs | None = None, src_mask=None, return_weights: bool = False,
+               packing=None):
         """src [B, S] -> (encoded [B, S, D], src_mask bool [B, S]). Dropout only when rngs given.
 
         src_mask defaults to src != PAD_ID; positions outside it are never attended to.
         return_weights adds a third item: each layer's self-attention weights [B, H, S, S].
+        packing: a packed batch's segment ids and positions (data.pack_batch); each token then
+        attends only within its own pair, at positions counted from the pair's start.
         """
-        if src_mask is None:
-            src_mask = src != PAD_ID
-        positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
-        x = self._embed(self.src_embed, src, positions, rngs)
-        attn_mask = src_mask[:, None, None, :]  # [B, 1, 1, S]
+        if packing is not None:
+            segments = packing["src_segments"]
+            src_mask, positions = segments != 0, packing["src_positions"]
+            attn_mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, S, S]
+        else:
+            if src_mask is None:
+                src_mask = src != PAD_ID
+            positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
+            attn_mask = src_mask[:, None, None, :]  # [B, 1, 1, S]
+        x = self._embed(self.src_embed, src, positions, rngs, table_len=src.shape[1])
         weights = []
         for layer in self.encoder_layers:
             x, w = layer(x, attn_mask, positions, rngs, return_weights=True)
@@ -384,19 +400,26 @@ class Transformer(nnx.Module):
             return logits, {"self": tuple(w[0] for w in weights), "cross": tuple(w[1] for w in weights)}
         return logits
 
-    def features(self, src, tgt_in, rngs: nnx.Rngs | None = None):
+    def features(self, src, tgt_in, rngs: nnx.Rngs | None = None, packing=None):
         """Teacher forcing up to the output projection: [B, T, D] with logits = features @
-        output_embedding().T; the training loss projects them itself, a chunk at a time."""
-        encoded, src_mask = self.encode(src, rngs)
-        return self._features(self._decoder_states(tgt_in, encoded, src_mask, rngs)[0])
+        output_embedding().T; the training loss projects them itself, a chunk at a time.
+        packing: as in `encode`, for a packed batch."""
+        encoded, src_mask = self.encode(src, rngs, packing=packing)
+        return self._features(self._decoder_states(tgt_in, encoded, src_mask, rngs, packing)[0])
 
-    def _decoder_states(self, tgt_in, encoded, src_mask, rngs):
+    def _decoder_states(self, tgt_in, encoded, src_mask, rngs, packing=None):
         """The decoder stack's output [B, T, D] (before the final norm) and each layer's weights."""
         T = tgt_in.shape[1]
-        positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
-        x = self._embed(self.tgt_embed, tgt_in, positions, rngs)
         causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1, 1, T, T]
-        cross_mask = src_mask[:, None, None, :]
+        if packing is not None:  # within one pair: its own earlier tokens, its own source
+            tgt_seg, src_seg = packing["tgt_segments"], packing["src_segments"]
+            positions = packing["tgt_positions"]
+            causal = causal & (tgt_seg[:, :, None] == tgt_seg[:, None, :])[:, None]  # [B, 1, T, T]
+            cross_mask = ((tgt_seg[:, :, None] == src_seg[:, None, :]) & (src_seg != 0)[:, None, :])[:, None]
+        else:
+            positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
+            cross_mask = src_mask[:, None, None, :]
+        x = self._embed(self.tgt_embed, tgt_in, positions, rngs, table_len=T)
         weights = []
         for layer in self.decoder_layers:
             cross = layer.cross_attn.project_kv(encoded)

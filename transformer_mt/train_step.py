@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from transformer_mt.config import TrainConfig
+from transformer_mt.data import PACKED_KEYS
 from transformer_mt.losses import projected_label_smoothed_xent
 from transformer_mt.tokenizer import PAD_ID
 
@@ -79,7 +80,8 @@ def batch_sums(params, graphdef, batch, dropout_key, smoothing: float):
     """Summed loss over a batch and its metrics; dropout when dropout_key is not None."""
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    features = model.features(batch["src"], batch["tgt_in"], rngs=rngs)  # [B, T, D]
+    packing = {k: batch[k] for k in PACKED_KEYS} if PACKED_KEYS[0] in batch else None
+    features = model.features(batch["src"], batch["tgt_in"], rngs=rngs, packing=packing)  # [B, T, D]
     weights = batch["tgt_out"] != PAD_ID
     loss_sum, nll_sum, correct = projected_label_smoothed_xent(
         features.reshape(-1, features.shape[-1]), model.output_embedding(), batch["tgt_out"].reshape(-1),

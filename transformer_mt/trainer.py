@@ -213,7 +213,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
     stream = data_lib.TrainStream(train_examples, dcfg, tcfg.seed, rows_multiple,
                                   jax.process_index(), jax.process_count())
     valid_src, valid_tgt = data_lib.load_split(dcfg, "valid")
-    valid_examples = data_lib.tokenize_pairs(tok, valid_src, valid_tgt, dcfg.bucket_lengths[-1])
+    valid_examples = data_lib.tokenize_pairs(tok, valid_src, valid_tgt, (dcfg.pack_lengths or dcfg.bucket_lengths)[-1])
     valid_batches = data_lib.eval_batches(valid_examples, dcfg, rows_multiple, jax.process_index(),
                                           jax.process_count()) if len(valid_examples) else []
 
