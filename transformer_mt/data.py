@@ -2,8 +2,9 @@
 
 Every batch has one of a few fixed shapes, so jit compiles a bounded number of programs:
 bucketed, a batch is padded to its bucket length (rows, bucket_length); packed
-(data.pack_lengths), several pairs share each row (rows, pack length), told apart by segment ids. The batch order of an epoch is a pure function of (seed, epoch), so a data
-position (epoch, batch index) recorded in a checkpoint resumes the exact stream.
+(data.pack_lengths), several pairs share each row (rows, pack length), told apart by segment
+ids. The batch order of an epoch is a pure function of (seed, epoch), so a data position
+(epoch, batch index) recorded in a checkpoint resumes the exact stream.
 """
 
 from __future__ import annotations
@@ -330,19 +331,22 @@ def pack_batch(examples: Examples, rows: Sequence[Sequence[int]], length: int) -
     return out
 
 
-def plan_epoch(examples: Examples, lengths: np.ndarray, cfg: DataConfig, row_multiple: int, seed: int,
-               epoch: int, shuffle: bool = True) -> list:
+def plan_epoch(examples: Examples, cfg: DataConfig, row_multiple: int, seed: int, epoch: int,
+               shuffle: bool = True) -> list:
     """The batches of one epoch, packed or bucketed as cfg says."""
     if cfg.pack_lengths:
         return packed_plan(examples, cfg.pack_lengths, cfg.batch_tokens, row_multiple, seed, epoch, shuffle)
-    return epoch_plan(lengths, cfg.bucket_lengths, cfg.batch_tokens, row_multiple, seed, epoch, shuffle)
+    return epoch_plan(examples.lengths(), cfg.bucket_lengths, cfg.batch_tokens, row_multiple, seed, epoch, shuffle)
 
 
-def make_batch(examples: Examples, cfg: DataConfig, length: int, rows) -> dict[str, np.ndarray]:
-    """One planned batch (or this process's rows of it) as arrays."""
+def local_batch(examples: Examples, cfg: DataConfig, length: int, rows, process_index: int = 0,
+                process_count: int = 1) -> dict[str, np.ndarray]:
+    """This process's contiguous slice of a planned batch's rows, as arrays."""
+    per_process = len(rows) // process_count
+    rows = rows[process_index * per_process : (process_index + 1) * per_process]
     if cfg.pack_lengths:
         return pack_batch(examples, rows, length)
-    return pad_batch(examples, rows, len(rows), length)
+    return pad_batch(examples, rows, per_process, length)
 
 
 class TrainStream:
@@ -359,13 +363,12 @@ class TrainStream:
         self.examples, self.cfg, self.seed = examples, cfg, seed
         self.row_multiple = row_multiple
         self.process_index, self.process_count = process_index, process_count
-        self.lengths = examples.lengths()
         self.epoch, self.index = 0, 0
         self._plan_epoch, self._plan = -1, []
 
-    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    def plan(self, epoch: int) -> list:
         if epoch != self._plan_epoch:
-            self._plan = plan_epoch(self.examples, self.lengths, self.cfg, self.row_multiple, self.seed, epoch)
+            self._plan = plan_epoch(self.examples, self.cfg, self.row_multiple, self.seed, epoch)
             self._plan_epoch = epoch
         return self._plan
 
@@ -386,21 +389,14 @@ class TrainStream:
             plan = self.plan(self.epoch)
         length, indices = plan[self.index]
         self.index += 1
-        per_process = len(indices) // self.process_count
-        local = indices[self.process_index * per_process : (self.process_index + 1) * per_process]
-        return make_batch(self.examples, self.cfg, length, local)
+        return local_batch(self.examples, self.cfg, length, indices, self.process_index, self.process_count)
 
 
 def eval_batches(examples: Examples, cfg: DataConfig, row_multiple: int = 1, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Every example once, sorted by length, in the training batches' shapes (validation loss)."""
-    plan = plan_epoch(examples, examples.lengths(), cfg, row_multiple, 0, 0, shuffle=False)
-    out = []
-    for length, indices in plan:
-        per_process = len(indices) // process_count
-        local = indices[process_index * per_process : (process_index + 1) * per_process]
-        out.append(make_batch(examples, cfg, length, local))
-    return out
+    plan = plan_epoch(examples, cfg, row_multiple, 0, 0, shuffle=False)
+    return [local_batch(examples, cfg, length, rows, process_index, process_count) for length, rows in plan]
 
 
 def write_jsonl_pairs(path: str | Path, src: Sequence[str], tgt: Sequence[str], src_lang: str, tgt_lang: str) -> None:
