@@ -42,6 +42,11 @@ FAST = [
     # with a tiny eps a gradient that is rounding noise (~1e-10, e.g. a bias whose terms cancel)
     # still moves its parameter by ~lr; eps = 1e-6 keeps such noise from being amplified.
     "train.adam_eps=1e-6",
+    # Float32 matmuls: with bf16 inputs (model.matmul_dtype auto on a CPU with AVX512-BF16) a
+    # rounding-noise difference in a parameter can flip its bf16 rounding, so runs that sum in
+    # different orders (1 vs 2 or 4 devices) drift ~1e-3 apart instead of ~1e-6. test_matmul and
+    # test_train cover the bf16 path.
+    "model.matmul_dtype=float32",
     "train.log_every=5",
     "train.eval_every=0",
     "train.checkpoint_every=0",

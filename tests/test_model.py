@@ -17,7 +17,7 @@ TGT = np.array([[2, 20, 21, 22, 23, 24], [2, 25, 26, 27, 28, 29]], np.int32)
 def make(positional="sinusoidal", pre_norm=True, tie=True):
     cfg = ModelConfig(d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64,
                       dropout=0.1, positional=positional, pre_norm=pre_norm, tie_embeddings=tie,
-                      dtype="float32")
+                      dtype="float32", matmul_dtype="float32")
     return Transformer(cfg, V, V, nnx.Rngs(0))
 
 

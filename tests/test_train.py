@@ -30,14 +30,9 @@ def copy_task_batch(n=8, length=10, vocab=24, seed=0, rows=None):
     return pad_batch(Examples(src, tgt), np.arange(n), rows or n, length)
 
 
-@pytest.fixture(scope="module")
-def copy_task():
-    """One model, optimizer and pair of compiled steps (gradients; update) for the tests below.
-
-    Every batch they see is [8, 10], so each program is compiled once for the module.
-    """
+def make_copy_task(*overrides: str) -> SimpleNamespace:
     cfg = tiny_config("model.dropout=0.0", "train.label_smoothing=0.0", "train.learning_rate=3e-3",
-                      "train.warmup_steps=20", "model.d_model=64", "model.ffn_dim=128")
+                      "train.warmup_steps=20", "model.d_model=64", "model.ffn_dim=128", *overrides)
     model = Transformer(cfg.model, 24, 24, nnx.Rngs(params=0))
     tx = ts.make_optimizer(cfg.train)
     graphdef, state = ts.init_state(model, tx, 0)
@@ -47,18 +42,39 @@ def copy_task():
 
 
 @pytest.fixture(scope="module")
-def overfitted(copy_task):
-    """250 optimizer steps on one batch of 8 pairs: (final state, last step's metrics)."""
-    state, batch = copy_task.init, copy_task_batch()
-    for _ in range(250):
-        state, metrics = copy_task.apply(state, *copy_task.grads(state, batch, jnp.int32(0)))
+def copy_task():
+    """One model, optimizer and pair of compiled steps (gradients; update) for the tests below.
+
+    Every batch they see is [8, 10], so each program is compiled once for the module.
+    """
+    return make_copy_task()
+
+
+def fit_copy_task(task: SimpleNamespace, steps: int = 250):
+    """`steps` optimizer steps on one batch of 8 pairs: (final state, last step's metrics)."""
+    state, batch = task.init, copy_task_batch()
+    for _ in range(steps):
+        state, metrics = task.apply(state, *task.grads(state, batch, jnp.int32(0)))
     return state, metrics
 
 
-def test_tiny_model_overfits_eight_pairs(overfitted):
-    _, metrics = overfitted
+@pytest.fixture(scope="module")
+def overfitted(copy_task):
+    return fit_copy_task(copy_task)
+
+
+def assert_fits(metrics):
     assert float(metrics["loss"]) < 0.1, f"loss {float(metrics['loss']):.3f}: the model cannot fit 8 pairs"
     assert float(metrics["accuracy"]) == 1.0
+
+
+def test_tiny_model_overfits_eight_pairs(overfitted):
+    assert_fits(overfitted[1])
+
+
+def test_tiny_model_overfits_with_bf16_matmuls():
+    """Mixed precision (bf16 matmul inputs, float32 everything else) still fits the batch."""
+    assert_fits(fit_copy_task(make_copy_task("model.matmul_dtype=bfloat16"))[1])
 
 
 def test_gradient_accumulation_equals_one_big_batch(copy_task):

@@ -92,6 +92,9 @@ class ModelConfig:
     # Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16.
     # Parameters, optimizer state, softmax and loss stay float32.
     dtype: str = "auto"
+    # Matmul input dtype of a float32 model: auto (bfloat16 on CPUs with native bf16 dots, i.e.
+    # AVX512-BF16 or AMX, else float32), float32 or bfloat16. Products accumulate in float32.
+    matmul_dtype: str = "auto"
     # Longest sequence the model is meant to see (sizes decode caches; sinusoids are unbounded).
     max_len: int = 256
 
@@ -284,6 +287,7 @@ def validate(config: Config) -> None:
     choices = {
         "model.positional": (m.positional, ("sinusoidal", "rotary")),
         "model.dtype": (m.dtype, ("auto", "float32", "bfloat16")),
+        "model.matmul_dtype": (m.matmul_dtype, ("auto", "float32", "bfloat16")),
         "tokenizer.model_type": (tok.model_type, ("unigram", "bpe")),
         "train.on_nonfinite": (t.on_nonfinite, ("skip", "stop")),
     }

@@ -41,7 +41,8 @@ def correct_tokens(logits, targets, weights):
     return jnp.sum(best * weights.astype(jnp.float32))
 
 
-def projected_label_smoothed_xent(features, embedding, targets, weights, smoothing: float, chunk: int = 256):
+def projected_label_smoothed_xent(features, embedding, targets, weights, smoothing: float, chunk: int = 256,
+                                  matmul_dtype=None):
     """label_smoothed_xent and correct_tokens of logits = features @ embedding.T, computed
     `chunk` tokens at a time so that the [tokens, V] logits are never stored whole.
 
@@ -52,23 +53,28 @@ def projected_label_smoothed_xent(features, embedding, targets, weights, smoothi
     gradient and added into the embedding's at once, so the backward pass keeps [N, D] and
     [V, D] instead of the [N, V] logits and their softmax, and no [N, V] array (several times the
     size of the last-level cache) is read or written more than once a chunk.
+    matmul_dtype (default: the features' dtype): the three matmuls' input dtype (bfloat16 for
+    mixed precision, see transformer_mt.matmul); they accumulate, and the softmax runs, in float32.
     """
-    return _projected_xent(features, embedding, targets, weights.astype(jnp.float32), smoothing, chunk)
+    matmul_dtype = jnp.dtype(matmul_dtype or features.dtype)
+    return _projected_xent(features, embedding, targets, weights.astype(jnp.float32), smoothing, chunk,
+                           matmul_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _projected_xent(features, embedding, targets, weights, smoothing, chunk):
-    sums, _, _ = _chunked_xent(features, embedding, targets, weights, smoothing, chunk, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _projected_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype):
+    sums, _, _ = _chunked_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype,
+                               with_grads=False)
     return sums
 
 
-def _projected_xent_fwd(features, embedding, targets, weights, smoothing, chunk):
+def _projected_xent_fwd(features, embedding, targets, weights, smoothing, chunk, matmul_dtype):
     sums, d_features, d_embedding = _chunked_xent(features, embedding, targets, weights, smoothing, chunk,
-                                                  with_grads=True)
+                                                  matmul_dtype, with_grads=True)
     return sums, (d_features, d_embedding)
 
 
-def _projected_xent_bwd(smoothing, chunk, residuals, cotangents):
+def _projected_xent_bwd(smoothing, chunk, matmul_dtype, residuals, cotangents):
     d_features, d_embedding = residuals
     g = cotangents[0]  # of loss_sum; the metrics' cotangents are ignored (see the docstring)
     return (g * d_features).astype(d_features.dtype), (g * d_embedding).astype(d_embedding.dtype), None, None
@@ -77,7 +83,7 @@ def _projected_xent_bwd(smoothing, chunk, residuals, cotangents):
 _projected_xent.defvjp(_projected_xent_fwd, _projected_xent_bwd)
 
 
-def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, with_grads):
+def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype, with_grads):
     """((loss_sum, nll_sum, correct), d loss_sum / d features, d loss_sum / d embedding); the
     gradients are None unless with_grads. A scan over chunks of `chunk` tokens (the last padded
     with zero-weight rows)."""
@@ -89,10 +95,12 @@ def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, with_
         features = jnp.pad(features, ((0, pad), (0, 0)))
         targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
     xs = (features.reshape(-1, chunk, d), targets.reshape(-1, chunk), weights.reshape(-1, chunk))
+    table = embedding.astype(matmul_dtype)
 
     def body(d_embedding, x):
         f, t, w = x
-        logits = jnp.dot(f, embedding.T, preferred_element_type=jnp.float32)  # [chunk, V]
+        f = f.astype(matmul_dtype)
+        logits = jnp.dot(f, table.T, preferred_element_type=jnp.float32)  # [chunk, V]
         top = jnp.max(logits, axis=-1, keepdims=True)
         exp = jnp.exp(logits - top)
         total = jnp.sum(exp, axis=-1, keepdims=True)
@@ -106,8 +114,8 @@ def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, with_
         # d loss / d logits = softmax - (1 - smoothing) * one_hot(target) - smoothing / V, per weight.
         is_target = jnp.arange(vocab, dtype=t.dtype) == t[:, None]
         d_logits = (exp / total - jnp.where(is_target, 1.0 - smoothing, 0.0) - smoothing / vocab) * w[:, None]
-        d_logits = d_logits.astype(features.dtype)
-        d_f = jnp.dot(d_logits, embedding, preferred_element_type=jnp.float32).astype(features.dtype)
+        d_logits = d_logits.astype(matmul_dtype)
+        d_f = jnp.dot(d_logits, table, preferred_element_type=jnp.float32).astype(features.dtype)
         d_embedding = d_embedding + jnp.einsum("cv,cd->vd", d_logits, f, preferred_element_type=jnp.float32)
         return d_embedding, (sums, d_f)
 

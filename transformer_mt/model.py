@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer_mt.config import ModelConfig
+from transformer_mt import matmul
 from transformer_mt.tokenizer import PAD_ID
 
 CACHE_BLOCKS = 4  # a beam search's self-attention cache is kept in up to this many blocks
@@ -29,6 +30,13 @@ def compute_dtype(name: str) -> jnp.dtype:
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
+
+
+def linear_kwargs(dtype, rngs: nnx.Rngs) -> dict:
+    """Keyword arguments of the model's nnx.Linear layers. Their products go through
+    matmul.dot_general: bf16 inputs while the training loss is traced under matmul.matmul_inputs."""
+    return dict(dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.xavier_uniform(),
+                dot_general=matmul.dot_general)
 
 
 def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
@@ -170,7 +178,7 @@ class Attention(nnx.Module):
         d, self.heads = cfg.d_model, cfg.num_heads
         self.head_dim = d // cfg.num_heads
         self.dropout_rate = cfg.attention_dropout
-        kw = dict(dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.xavier_uniform())
+        kw = linear_kwargs(dtype, rngs)
         self.query = nnx.Linear(d, d, **kw)
         self.key = nnx.Linear(d, d, **kw)
         self.value = nnx.Linear(d, d, **kw)
@@ -201,7 +209,7 @@ class Attention(nnx.Module):
 
 class FeedForward(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.xavier_uniform())
+        kw = linear_kwargs(dtype, rngs)
         self.inner = nnx.Linear(cfg.d_model, cfg.ffn_dim, **kw)
         self.outer = nnx.Linear(cfg.ffn_dim, cfg.d_model, **kw)
         self.rate = cfg.activation_dropout
@@ -314,6 +322,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         dtype = compute_dtype(cfg.dtype)
         self.dtype = dtype
+        self.matmul_dtype = matmul.resolve_matmul_dtype(cfg.matmul_dtype, dtype)  # of training's matmuls
         init = nnx.initializers.normal(stddev=cfg.d_model**-0.5)  # unit variance after sqrt(D) scaling
         self.src_embed = nnx.Embed(src_vocab_size, cfg.d_model, dtype=dtype, embedding_init=init, rngs=rngs)
         if cfg.tie_embeddings:
@@ -323,7 +332,8 @@ class Transformer(nnx.Module):
             self.output = None
         else:
             self.tgt_embed = nnx.Embed(tgt_vocab_size, cfg.d_model, dtype=dtype, embedding_init=init, rngs=rngs)
-            self.output = nnx.Linear(cfg.d_model, tgt_vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+            self.output = nnx.Linear(cfg.d_model, tgt_vocab_size, use_bias=False, dtype=dtype, rngs=rngs,
+                                     dot_general=matmul.dot_general)
         self.encoder_layers = nnx.List([EncoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_encoder_layers)])
         self.decoder_layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_decoder_layers)])
         # Pre-norm stacks end with a LayerNorm; post-norm layers already end normalised.

@@ -19,6 +19,7 @@ from flax import nnx
 from transformer_mt.config import TrainConfig
 from transformer_mt.data import PACKED_KEYS
 from transformer_mt.losses import projected_label_smoothed_xent
+from transformer_mt.matmul import matmul_inputs
 from transformer_mt.tokenizer import PAD_ID
 
 State = dict[str, Any]
@@ -81,11 +82,12 @@ def batch_sums(params, graphdef, batch, dropout_key, smoothing: float):
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
     packing = {k: batch[k] for k in PACKED_KEYS} if PACKED_KEYS[0] in batch else None
-    features = model.features(batch["src"], batch["tgt_in"], rngs=rngs, packing=packing)  # [B, T, D]
+    with matmul_inputs(model.matmul_dtype):  # bf16 matmul inputs where configured (mixed precision)
+        features = model.features(batch["src"], batch["tgt_in"], rngs=rngs, packing=packing)  # [B, T, D]
     weights = batch["tgt_out"] != PAD_ID
     loss_sum, nll_sum, correct = projected_label_smoothed_xent(
         features.reshape(-1, features.shape[-1]), model.output_embedding(), batch["tgt_out"].reshape(-1),
-        weights.reshape(-1), smoothing)
+        weights.reshape(-1), smoothing, matmul_dtype=model.matmul_dtype)
     metrics = {"loss_sum": loss_sum, "nll_sum": nll_sum, "tokens": jnp.sum(weights).astype(jnp.float32),
                "correct": correct}
     return loss_sum, metrics

@@ -1,0 +1,101 @@
+"""Matrix products with bfloat16 inputs and float32 accumulation, forward and backward.
+
+Mixed-precision training for float32 models on CPUs that multiply bfloat16 natively
+(AVX512-BF16, AMX): there a bf16 matmul runs ~1.8x as fast as a float32 one
+(benchmarks/RESULTS.md), while parameters, activations, softmaxes, layer norms and the loss stay
+float32. Inputs are rounded to bf16 (8 bits of mantissa), products are summed in float32: what
+TPUs do to float32 matmuls by default. The backward pass is written out (custom VJP) so that its
+two matmuls take bf16 inputs too; JAX's own transpose of a mixed-precision dot runs them in float32.
+
+Which matmuls: the model's Linear layers call `dot_general` below, which reads the dtype set by
+`matmul_inputs` while a function is traced, as `jax.default_matmul_precision` does. The training
+loss sets it (train_step.batch_sums); decoding does not, so translations are float32 throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+
+import jax
+import jax.numpy as jnp
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 dot instructions
+
+
+def cpu_has_bf16_dots() -> bool:
+    """True on a Linux x86 CPU whose flags list a native bf16 dot product instruction."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return False
+    match = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    return bool(match) and any(flag in match.group(1).split() for flag in BF16_CPU_FLAGS)
+
+
+def resolve_matmul_dtype(name: str, compute_dtype) -> jnp.dtype:
+    """'auto': bfloat16 where the compute dtype is bf16 already, or on a CPU with native bf16
+    dots; float32 otherwise (a bf16 matmul emulated in float32 is slower than a float32 one)."""
+    if name != "auto":
+        return jnp.dtype(name)
+    if jnp.dtype(compute_dtype) == jnp.bfloat16:
+        return jnp.dtype(jnp.bfloat16)
+    if jax.default_backend() == "cpu" and cpu_has_bf16_dots():
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_matmul(x, w):
+    """x [..., K] @ w [K, N] -> float32 [..., N], with both rounded to bf16."""
+    return _mm(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(x, w):
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    # The residuals are the bf16 copies: half the memory of the float32 inputs.
+    return _mm(x16, w16), (x16, w16, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _bf16_matmul_bwd(residuals, g):
+    x16, w16, x_like, w_like = residuals
+    g16 = g.astype(jnp.bfloat16)
+    dx = _mm(g16, w16.T).astype(x_like.dtype)
+    dw = _mm(x16.reshape(-1, x16.shape[-1]).T, g16.reshape(-1, g16.shape[-1])).astype(w_like.dtype)
+    return dx, dw
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+_INPUT_DTYPE: contextvars.ContextVar = contextvars.ContextVar("matmul_input_dtype", default=None)
+
+
+@contextlib.contextmanager
+def matmul_inputs(dtype):
+    """While tracing inside this block, float32 `dot_general`s of the model take `dtype` inputs
+    (bfloat16: mixed precision; None or float32: unchanged)."""
+    token = _INPUT_DTYPE.set(None if dtype is None else jnp.dtype(dtype))
+    try:
+        yield
+    finally:
+        _INPUT_DTYPE.reset(token)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """jax.lax.dot_general, except inside matmul_inputs(bfloat16), where a float32 [..., K] x
+    [K, N] product (a Linear layer's) goes through bf16_matmul."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    linear = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
+              and not lhs_batch and not rhs_batch)
+    if (_INPUT_DTYPE.get() == jnp.bfloat16 and linear and lhs.dtype == jnp.float32
+            and rhs.dtype == jnp.float32):
+        return bf16_matmul(lhs, rhs).astype(preferred_element_type or jnp.float32)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
