@@ -283,10 +283,11 @@ def packed_plan(examples: Examples, pack_lengths: Sequence[int], batch_tokens: i
                 epoch: int, shuffle: bool = True) -> list[tuple[int, list[tuple[int, ...]]]]:
     """The packed batches of one epoch as (row length, rows of example indices; () is an empty row).
 
-    Each pair goes to the shortest of pack_lengths that holds it. A batch of length L has
-    batch_tokens // L rows, rounded up to a multiple of the data-parallel size with empty rows
-    (so the count itself does not depend on the device count). A pure function of (seed,
-    epoch), like epoch_plan. Unshuffled, pairs are packed longest first, which fills rows
+    Each pair goes to the shortest of pack_lengths that holds it, except that the room its longer
+    rows leave (a pair of 40 tokens in a row of 64) is topped up with shorter pairs. A batch of
+    length L has batch_tokens // L rows, rounded up to a multiple of the data-parallel size with
+    empty rows (so the count itself does not depend on the device count). A pure function of
+    (seed, epoch), like epoch_plan. Unshuffled, pairs are packed longest first, which fills rows
     tightest.
     """
     src_len, tgt_len = examples.side_lengths()
@@ -294,9 +295,25 @@ def packed_plan(examples: Examples, pack_lengths: Sequence[int], batch_tokens: i
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(examples)) if shuffle else np.argsort(-need, kind="stable")
     group = np.searchsorted(np.asarray(pack_lengths), need[order])  # the shortest length that holds each
+    members = [order[group == g] for g in range(len(pack_lengths))]
+    packed = {}
+    for g in range(len(pack_lengths) - 1, 0, -1):  # longest rows first, then top them up
+        length = pack_lengths[g]
+        rows = pack_rows(src_len, tgt_len, members[g], length, pool=len(members[g]) + 1)
+        room = sum(length - max(src_len[list(r)].sum(), tgt_len[list(r)].sum()) for r in rows)
+        shorter = np.concatenate(members[:g])  # in the epoch's order, group by group
+        take = int(np.searchsorted(np.cumsum(need[shorter]), 0.9 * room, side="right"))
+        if take:
+            fillers = set(shorter[:take].tolist())
+            members[:g] = [m[~np.isin(m, list(fillers))] for m in members[:g]]
+            # Every row stays open (pool), so each filler goes to the row it fits best.
+            rows = pack_rows(src_len, tgt_len, np.concatenate([members[g], shorter[:take]]), length,
+                             pool=len(rows) + 1)
+        packed[g] = rows
+    packed[0] = pack_rows(src_len, tgt_len, members[0], pack_lengths[0])
     plan = []
     for g, length in enumerate(pack_lengths):
-        rows = pack_rows(src_len, tgt_len, order[group == g], length)
+        rows = packed[g]
         per_batch = max(batch_tokens // length, 1)
         n_rows = -(-per_batch // row_multiple) * row_multiple
         plan += [(length, rows[k : k + per_batch] + [()] * (n_rows - len(rows[k : k + per_batch])))
