@@ -2,8 +2,8 @@
 
     python benchmarks/train_speed.py --config configs/multi30k_en_de.yaml --steps 20
 
-Uses real batches from the config's training data (first N pairs), after one warm-up step per
-bucket shape so compile time is excluded. For a like-for-like ratio with the PyTorch peer, train
+Uses real batches from the config's training data (all of it, or the first --pairs N), after one
+warm-up step per batch shape so compile time is excluded. For a like-for-like ratio with the PyTorch peer, train
 on exactly its batches (one optimizer step per peer batch, at its shapes):
 
     ~/.cache/peers-venv/bin/python ../shared/peers/hf_bench.py --skip-decode --dump-batches /tmp/peer.json
@@ -57,14 +57,15 @@ def main() -> None:
     p.add_argument("--config", default="configs/multi30k_en_de.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--pairs", type=int, default=5000, help="training pairs to draw batches from")
+    p.add_argument("--pairs", type=int, default=0, help="training pairs to draw batches from (0: all)")
     p.add_argument("--workdir", default="/tmp/transformer_mt_bench", help="where the tokenizer is trained/cached")
     p.add_argument("--peer-batches", help="train on these batches (hf_bench.py --dump-batches), all timed, "
                                           "one optimizer step each (grad_accum 1)")
     args = p.parse_args()
 
     compile_cache.enable()  # a repeated run (A/B/A/B comparisons) skips most of the warm-up
-    cfg = config_lib.load(args.config, args.overrides + [f"data.max_train_examples={args.pairs}"])
+    pairs = [f"data.max_train_examples={args.pairs}"] if args.pairs else []
+    cfg = config_lib.load(args.config, args.overrides + pairs)
     src, tgt = data_lib.load_split(cfg.data, "train")
     tok = tok_lib.load_or_train(cfg.tokenizer, args.workdir, lambda: (src, tgt))
     mesh = sharding.make_mesh()
