@@ -59,7 +59,8 @@ def _mm(a, b):
 
 def _bf16_matmul_fwd(x, w):
     x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    # The residuals are the bf16 copies: half the memory of the float32 inputs.
+    # The residuals are the bf16 copies (half the memory of float32 inputs), and two scalars
+    # that carry the inputs' dtypes, which the cotangents must have.
     return _mm(x16, w16), (x16, w16, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
