@@ -79,11 +79,13 @@ def average_run(run_dir: str | Path, out_dir: str | Path, sources: list[tuple[Pa
         raise ConfigError(f"{out_dir} already holds checkpoints: choose a new -o OUT_RUN")
     check_same_shapes(sources)
     run = rundir.Run(run_dir)
+    newest_step = max(step for _, step in sources)
     params, newest = [], None
     for directory, step in sources:  # a mismatch with config.yaml is one line (CheckpointMismatch)
-        restored = run.restore(directory, step)
+        # Only the newest source's optimizer state goes into the output: the others' params only.
+        restored = run.restore(directory, step, params_only=step != newest_step)
         params.append(jax.device_get(restored.state["params"]))
-        if newest is None or step > newest.step:
+        if step == newest_step and newest is None:
             newest = restored
     state = {**newest.state, "params": average_params(params)}
     out_dir.mkdir(parents=True, exist_ok=True)
