@@ -3,8 +3,8 @@
     python benchmarks/train_speed.py --config configs/multi30k_en_de.yaml --steps 20
 
 Uses real batches from the config's training data (all of it, or the first --pairs N), after one
-warm-up step per batch shape so compile time is excluded. For a like-for-like ratio with the PyTorch peer, train
-on exactly its batches (one optimizer step per peer batch, at its shapes):
+warm-up step per batch shape so compile time is excluded. For a like-for-like ratio with the
+PyTorch peer, train on exactly its batches (one optimizer step per peer batch, at its shapes):
 
     ~/.cache/peers-venv/bin/python ../shared/peers/hf_bench.py --skip-decode --dump-batches /tmp/peer.json
     python benchmarks/train_speed.py --config configs/multi30k_en_de_d256.yaml --peer-batches /tmp/peer.json

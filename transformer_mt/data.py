@@ -304,11 +304,10 @@ def packed_plan(examples: Examples, pack_lengths: Sequence[int], batch_tokens: i
         shorter = np.concatenate(members[:g])  # in the epoch's order, group by group
         take = int(np.searchsorted(np.cumsum(need[shorter]), 0.9 * room, side="right"))
         if take:
-            fillers = set(shorter[:take].tolist())
-            members[:g] = [m[~np.isin(m, list(fillers))] for m in members[:g]]
+            fillers = shorter[:take]
+            members[:g] = [m[~np.isin(m, fillers)] for m in members[:g]]
             # Every row stays open (pool), so each filler goes to the row it fits best.
-            rows = pack_rows(src_len, tgt_len, np.concatenate([members[g], shorter[:take]]), length,
-                             pool=len(rows) + 1)
+            rows = pack_rows(src_len, tgt_len, np.concatenate([members[g], fillers]), length, pool=len(rows) + 1)
         packed[g] = rows
     packed[0] = pack_rows(src_len, tgt_len, members[0], pack_lengths[0])
     plan = []
