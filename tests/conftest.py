@@ -17,6 +17,7 @@ os.chdir(ROOT)  # configs name data files relative to the repository root
 # Compiled programs are shared by the tests and their subprocesses.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("TRANSFORMER_MT_STORE_DIR", str(ROOT / ".pytest_cache" / "stores"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -214,13 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args) -> int:
     from transformer_mt import config as config_lib
-    from transformer_mt.trainer import train
+    from transformer_mt.trainer import Interrupted, train
 
     cfg = config_lib.load(args.config, args.overrides) if args.config else None
     if cfg is None and not args.resume:
         raise config_lib.ConfigError("--config is required unless --resume continues an existing run")
-    result = train(cfg, args.workdir, resume=args.resume, overrides=args.overrides,
-                   progress_bar=not args.no_progress, init_from=args.init_from)
+    try:
+        result = train(cfg, args.workdir, resume=args.resume, overrides=args.overrides,
+                       progress_bar=not args.no_progress, init_from=args.init_from)
+    except Interrupted as e:
+        print(f"transformer-mt train: {e}; nothing half-built was left", file=sys.stderr)
+        return 128 + signal.Signals[e.signal_name].value
     reason = result.get("stop_reason") or ""
     if reason.startswith("signal "):
         # Preempted: the checkpoint is saved; a non-zero code tells a job script to resubmit.

@@ -27,6 +27,8 @@ class DataConfig:
     dataset: str = ""
     # Hub dataset config (e.g. "de-en").
     dataset_config: str = ""
+    # Hub dataset revision (a commit or tag; empty = the default branch). Part of the token store's key.
+    dataset_revision: str = ""
     src_lang: str = "en"
     tgt_lang: str = "de"
     # Hub split names.
@@ -50,6 +52,9 @@ class DataConfig:
     pack_lengths: tuple[int, ...] = ()
     # Cap on training pairs read (0 = all); handy for smoke tests.
     max_train_examples: int = 0
+    # Where tokenized training corpora (token stores) are kept; empty = $TRANSFORMER_MT_STORE_DIR,
+    # else ~/.cache/transformer_mt/stores. A store is reused by every run on the same data and tokenizer.
+    store_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ ids. The batch order of an epoch is a pure function of (seed, epoch), so a data 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from transformer_mt import plans
 from transformer_mt.config import ConfigError, DataConfig
 from transformer_mt.textio import read_lines
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -130,18 +132,51 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
     return src, tgt
 
 
-# ----------------------------------------------------------------------------- tokenized examples
+# ----------------------------------------------------------------------------- tokenized pairs
 
 
-@dataclass
-class Examples:
-    """Tokenized pairs: src ids end with EOS; tgt ids carry neither BOS nor EOS."""
+class _Side:
+    """One side's sequences as a read-only list of int32 arrays (views into the flat tokens)."""
 
-    src: list[np.ndarray]
-    tgt: list[np.ndarray]
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+        self.tokens, self.offsets = tokens, offsets
 
     def __len__(self) -> int:
-        return len(self.src)
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]], np.int32)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class Examples:
+    """Tokenized pairs as two flat token arrays with per-pair offsets and lengths: in memory, or
+    memory-mapped from a token store (store.py), so a corpus of any size costs a few bytes a pair
+    of RAM. Source ids end with EOS; target ids carry neither BOS nor EOS."""
+
+    def __init__(self, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]):
+        """From per-pair id lists (small data: validation, scoring, tests)."""
+        src_len = np.fromiter((len(x) for x in src), np.int64, count=len(src))
+        tgt_len = np.fromiter((len(x) for x in tgt), np.int64, count=len(tgt))
+        flat = lambda seqs, n: np.fromiter(itertools.chain.from_iterable(seqs), np.int32, count=int(n))  # noqa: E731
+        self._set(flat(src, src_len.sum()), _offsets(src_len), src_len, flat(tgt, tgt_len.sum()), _offsets(tgt_len),
+                  tgt_len)
+
+    @classmethod
+    def from_arrays(cls, src_tokens, src_offsets, src_len, tgt_tokens, tgt_offsets, tgt_len) -> "Examples":
+        self = cls.__new__(cls)
+        self._set(src_tokens, src_offsets, src_len, tgt_tokens, tgt_offsets, tgt_len)
+        return self
+
+    def _set(self, src_tokens, src_offsets, src_len, tgt_tokens, tgt_offsets, tgt_len) -> None:
+        self.src_tokens, self.src_offsets, self.src_len = src_tokens, src_offsets, src_len
+        self.tgt_tokens, self.tgt_offsets, self.tgt_len = tgt_tokens, tgt_offsets, tgt_len
+        self.src, self.tgt = _Side(src_tokens, src_offsets), _Side(tgt_tokens, tgt_offsets)
+
+    def __len__(self) -> int:
+        return len(self.src_len)
 
     def lengths(self) -> np.ndarray:
         """Padded length each pair needs: source with EOS, target with BOS (input) / EOS (output)."""
@@ -149,26 +184,39 @@ class Examples:
 
     def side_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Tokens each pair takes in a row: (source with EOS, target with BOS / EOS)."""
-        return (np.array([len(s) for s in self.src], dtype=np.int64),
-                np.array([len(t) + 1 for t in self.tgt], dtype=np.int64))
+        return self.src_len.astype(np.int32), self.tgt_len.astype(np.int32) + 1
+
+    def gather(self, side: str, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens of `pairs` one after another (int32), and each pair's length. Touches only
+        those pairs' bytes of a memory-mapped store."""
+        tokens, offsets, lengths = ((self.src_tokens, self.src_offsets, self.src_len) if side == "src"
+                                    else (self.tgt_tokens, self.tgt_offsets, self.tgt_len))
+        n = lengths[pairs].astype(np.int64)
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        return np.asarray(tokens[np.repeat(offsets[pairs], n) + within], np.int32), n
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def keep_mask(src_len: np.ndarray, tgt_len: np.ndarray, max_len: int | None) -> np.ndarray:
+    """Pairs training keeps: both sides non-empty and, when max_len is set, neither side longer
+    than it (source with EOS, target with BOS/EOS)."""
+    keep = (src_len > 1) & (tgt_len > 0)
+    if max_len is not None:
+        keep &= np.maximum(src_len, tgt_len + 1) <= max_len
+    return keep
 
 
 def tokenize_pairs(tok: Tokenizer, src: Sequence[str], tgt: Sequence[str], max_len: int | None) -> Examples:
-    """Encodes pairs; drops empty pairs and, when max_len is set, pairs longer than it."""
-    src_ids = tok.encode_src(src)
-    tgt_ids = tok.encode_tgt(tgt)
-    keep_src, keep_tgt = [], []
-    for s, t in zip(src_ids, tgt_ids):
-        if len(s) <= 1 or not t:
-            continue
-        if max_len is not None and max(len(s), len(t) + 1) > max_len:
-            continue
-        keep_src.append(np.asarray(s, np.int32))
-        keep_tgt.append(np.asarray(t, np.int32))
-    return Examples(keep_src, keep_tgt)
+    """Encodes pairs in memory (small data); drops empty pairs and, with max_len, longer ones."""
+    src_ids, tgt_ids = tok.encode_src(src), tok.encode_tgt(tgt)
+    keep = keep_mask(np.array([len(s) for s in src_ids]), np.array([len(t) for t in tgt_ids]), max_len)
+    return Examples([s for s, k in zip(src_ids, keep) if k], [t for t, k in zip(tgt_ids, keep) if k])
 
 
-# ----------------------------------------------------------------------------- bucketing
+# ----------------------------------------------------------------------------- batch arrays
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -197,179 +245,87 @@ def rows_for_bucket(bucket_len: int, batch_tokens: int, row_multiple: int) -> in
     return -(-n // row_multiple) * row_multiple
 
 
-def pad_batch(examples: Examples, indices: np.ndarray, rows: int, length: int) -> dict[str, np.ndarray]:
-    """Builds {src, tgt_in, tgt_out} int32 [rows, length]; index -1 gives an all-pad row."""
-    src = np.full((rows, length), PAD_ID, np.int32)
-    tgt_in = np.full((rows, length), PAD_ID, np.int32)
-    tgt_out = np.full((rows, length), PAD_ID, np.int32)
-    for r, i in enumerate(indices):
-        if i < 0:
-            continue
-        s, t = examples.src[i], examples.tgt[i]
-        src[r, : len(s)] = s
-        tgt_in[r, 0] = BOS_ID
-        tgt_in[r, 1 : len(t) + 1] = t
-        tgt_out[r, : len(t)] = t
-        tgt_out[r, len(t)] = EOS_ID
-    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
-
-
-def epoch_plan(lengths: np.ndarray, buckets: Sequence[int], batch_tokens: int, row_multiple: int,
-               seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
-    """The batches of one epoch as (bucket_length, example indices padded with -1 to the row count).
-
-    A pure function of (seed, epoch): a recorded (epoch, index) resumes the same stream.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    bucket_of = np.array([bucket_for(int(n), buckets) for n in lengths], dtype=np.int64)
-    plan = []
-    for b in buckets:
-        idx = np.flatnonzero(bucket_of == b)
-        if not len(idx):
-            continue
-        if shuffle:
-            idx = rng.permutation(idx)
-        else:
-            idx = idx[np.argsort(lengths[idx], kind="stable")]
-        per_batch = examples_per_batch(b, batch_tokens)
-        rows = rows_for_bucket(b, batch_tokens, row_multiple)
-        for start in range(0, len(idx), per_batch):
-            chunk = idx[start : start + per_batch]
-            plan.append((b, np.pad(chunk, (0, rows - len(chunk)), constant_values=-1)))
-    if shuffle:
-        order = rng.permutation(len(plan))
-        plan = [plan[i] for i in order]
-    return plan
-
-
-# ----------------------------------------------------------------------------- packing
-
-PACK_POOL = 64  # rows open at once while packing: more fill tighter, at more work per pair
 PACKED_KEYS = ("src_segments", "tgt_segments", "src_positions", "tgt_positions")
 
 
-def pack_rows(src_len: np.ndarray, tgt_len: np.ndarray, order: Sequence[int], length: int,
-              pool: int = PACK_POOL) -> list[tuple[int, ...]]:
-    """Example indices per row of `length` tokens a side, taking the pairs in `order`.
-
-    A pair joins the open row it leaves least room in (best fit, both sides counted). When no
-    open row has room for it, the fullest of the `pool` open rows is closed and a new row takes
-    the pair. Rows come out in the order they close, so a shuffled `order` gives shuffled rows.
-    """
-    free_src = np.full(pool, -1, np.int64)  # -1: a slot with no row open in it yet
-    free_tgt = np.full(pool, -1, np.int64)
-    members: list[list[int]] = [[] for _ in range(pool)]
-    rows: list[tuple[int, ...]] = []
-    for i in order:
-        s, t = int(src_len[i]), int(tgt_len[i])
-        if s > length or t > length:
-            raise ValueError(f"pair {i} ({s}/{t} tokens) does not fit a row of {length}")
-        fits = (free_src >= s) & (free_tgt >= t)
-        if fits.any():
-            j = int(np.argmin(np.where(fits, free_src + free_tgt, 4 * length)))
-        else:  # an empty slot if any (free -1 each side), else the fullest row, which closes
-            j = int(np.argmin(free_src + free_tgt))
-            if members[j]:
-                rows.append(tuple(members[j]))
-            members[j], free_src[j], free_tgt[j] = [], length, length
-        members[j].append(int(i))
-        free_src[j] -= s
-        free_tgt[j] -= t
-    rows.extend(tuple(m) for m in members if m)
-    return rows
-
-
-def packed_plan(examples: Examples, pack_lengths: Sequence[int], batch_tokens: int, row_multiple: int, seed: int,
-                epoch: int, shuffle: bool = True) -> list[tuple[int, list[tuple[int, ...]]]]:
-    """The packed batches of one epoch as (row length, rows of example indices; () is an empty row).
-
-    Each pair goes to the shortest of pack_lengths that holds it, except that the room its longer
-    rows leave (a pair of 40 tokens in a row of 64) is topped up with shorter pairs. A batch of
-    length L has batch_tokens // L rows, rounded up to a multiple of the data-parallel size with
-    empty rows (so the count itself does not depend on the device count). A pure function of
-    (seed, epoch), like epoch_plan. Unshuffled, pairs are packed longest first, which fills rows
-    tightest.
-    """
-    src_len, tgt_len = examples.side_lengths()
-    need = np.maximum(src_len, tgt_len)
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(examples)) if shuffle else np.argsort(-need, kind="stable")
-    group = np.searchsorted(np.asarray(pack_lengths), need[order])  # the shortest length that holds each
-    members = [order[group == g] for g in range(len(pack_lengths))]
-    packed = {}
-    for g in range(len(pack_lengths) - 1, 0, -1):  # longest rows first, then top them up
-        length = pack_lengths[g]
-        rows = pack_rows(src_len, tgt_len, members[g], length, pool=len(members[g]) + 1)
-        room = sum(length - max(src_len[list(r)].sum(), tgt_len[list(r)].sum()) for r in rows)
-        shorter = np.concatenate(members[:g])  # in the epoch's order, group by group
-        take = int(np.searchsorted(np.cumsum(need[shorter]), 0.9 * room, side="right"))
-        if take:
-            fillers = shorter[:take]
-            members[:g] = [m[~np.isin(m, fillers)] for m in members[:g]]
-            # Every row stays open (pool), so each filler goes to the row it fits best.
-            rows = pack_rows(src_len, tgt_len, np.concatenate([members[g], fillers]), length, pool=len(rows) + 1)
-        packed[g] = rows
-    packed[0] = pack_rows(src_len, tgt_len, members[0], pack_lengths[0])
-    plan = []
-    for g, length in enumerate(pack_lengths):
-        rows = packed[g]
-        per_batch = max(batch_tokens // length, 1)
-        n_rows = -(-per_batch // row_multiple) * row_multiple
-        plan += [(length, rows[k : k + per_batch] + [()] * (n_rows - len(rows[k : k + per_batch])))
-                 for k in range(0, len(rows), per_batch)]
-    if shuffle:
-        plan = [plan[i] for i in rng.permutation(len(plan))]
-    return plan
-
-
-def pack_batch(examples: Examples, rows: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
-    """Builds {src, tgt_in, tgt_out} int32 [rows, length] holding each row's pairs one after
-    another, and PACKED_KEYS: per token its pair's segment id (1, 2, ... within the row; 0 is
-    padding) and its position within the pair. Attention stays within a segment (model.py)."""
-    n = len(rows)
-    out = {k: np.full((n, length), PAD_ID, np.int32) for k in ("src", "tgt_in", "tgt_out")}
-    out.update({k: np.zeros((n, length), np.int32) for k in PACKED_KEYS})
-    for r, row in enumerate(rows):
-        at_src = at_tgt = 0
-        for segment, i in enumerate(row, start=1):
-            s, t = examples.src[i], examples.tgt[i]
-            end_src, end_tgt = at_src + len(s), at_tgt + len(t) + 1
-            out["src"][r, at_src:end_src] = s
-            out["src_segments"][r, at_src:end_src] = segment
-            out["src_positions"][r, at_src:end_src] = np.arange(len(s))
-            out["tgt_in"][r, at_tgt] = BOS_ID
-            out["tgt_in"][r, at_tgt + 1 : end_tgt] = t
-            out["tgt_out"][r, at_tgt : end_tgt - 1] = t
-            out["tgt_out"][r, end_tgt - 1] = EOS_ID
-            out["tgt_segments"][r, at_tgt:end_tgt] = segment
-            out["tgt_positions"][r, at_tgt:end_tgt] = np.arange(len(t) + 1)
-            at_src, at_tgt = end_src, end_tgt
+def build_batch(examples: Examples, pairs: np.ndarray, row_of_pair: np.ndarray, rows: int, length: int,
+                packed: bool) -> dict[str, np.ndarray]:
+    """{src, tgt_in, tgt_out} int32 [rows, length] with `pairs` laid out one after another in their
+    rows (row_of_pair, non-decreasing); packed adds PACKED_KEYS: per token its pair's segment id
+    (1, 2, ... within the row; 0 is padding) and its position within the pair. No loop over pairs."""
+    keys = ("src", "tgt_in", "tgt_out") + (PACKED_KEYS if packed else ())
+    out = {k: np.full((rows, length), PAD_ID, np.int32) for k in keys}
+    if not len(pairs):
+        return out
+    per_row = np.bincount(row_of_pair, minlength=rows)
+    first_of_row = np.cumsum(per_row) - per_row
+    segment = np.arange(len(pairs)) - first_of_row[row_of_pair] + 1
+    for side, extra in (("src", 0), ("tgt", 1)):
+        tokens, n = examples.gather(side, pairs)
+        span = n + extra  # a target takes one more slot: BOS in the input, EOS in the output
+        end = np.cumsum(span)
+        start = end - span
+        col0 = start - start[first_of_row[row_of_pair]]  # where each pair starts in its row
+        row_t = np.repeat(row_of_pair, n)
+        within = np.arange(len(tokens)) - np.repeat(np.cumsum(n) - n, n)
+        col_t = np.repeat(col0, n) + within
+        if side == "src":
+            out["src"][row_t, col_t] = tokens
+        else:
+            out["tgt_in"][row_t, col_t + 1] = tokens
+            out["tgt_out"][row_t, col_t] = tokens
+            out["tgt_in"][row_of_pair, col0] = BOS_ID
+            out["tgt_out"][row_of_pair, col0 + n] = EOS_ID
+        if packed:
+            row_s = np.repeat(row_of_pair, span)
+            pos = np.arange(int(span.sum())) - np.repeat(start, span)
+            col_s = np.repeat(col0, span) + pos
+            out[f"{side}_segments"][row_s, col_s] = np.repeat(segment, span)
+            out[f"{side}_positions"][row_s, col_s] = pos
     return out
 
 
+def pad_batch(examples: Examples, indices: np.ndarray, rows: int, length: int) -> dict[str, np.ndarray]:
+    """Builds {src, tgt_in, tgt_out} int32 [rows, length], one pair a row; index -1 gives an all-pad row."""
+    indices = np.asarray(indices, np.int64)
+    real = np.flatnonzero(indices >= 0)
+    return build_batch(examples, indices[real], real, rows, length, packed=False)
+
+
+def pack_batch(examples: Examples, rows: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
+    """Builds a packed batch whose row r holds the pairs rows[r] (() is an empty row)."""
+    pairs = np.array([i for row in rows for i in row], np.int64)
+    row_of_pair = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
+    return build_batch(examples, pairs, row_of_pair, len(rows), length, packed=True)
+
+
+# ----------------------------------------------------------------------------- epoch streams
+
+
 def plan_epoch(examples: Examples, cfg: DataConfig, row_multiple: int, seed: int, epoch: int,
-               shuffle: bool = True) -> list:
+               shuffle: bool = True) -> plans.Plan:
     """The batches of one epoch, packed or bucketed as cfg says."""
+    src_need, tgt_need = examples.side_lengths()
     if cfg.pack_lengths:
-        return packed_plan(examples, cfg.pack_lengths, cfg.batch_tokens, row_multiple, seed, epoch, shuffle)
-    return epoch_plan(examples.lengths(), cfg.bucket_lengths, cfg.batch_tokens, row_multiple, seed, epoch, shuffle)
+        return plans.packed_plan(src_need, tgt_need, cfg.pack_lengths, cfg.batch_tokens, row_multiple, seed, epoch,
+                                 shuffle)
+    return plans.bucketed_plan(np.maximum(src_need, tgt_need), cfg.bucket_lengths, cfg.batch_tokens, row_multiple,
+                               seed, epoch, shuffle)
 
 
-def local_batch(examples: Examples, cfg: DataConfig, length: int, rows, process_index: int = 0,
+def local_batch(examples: Examples, cfg: DataConfig, plan: plans.Plan, b: int, process_index: int = 0,
                 process_count: int = 1) -> dict[str, np.ndarray]:
-    """This process's contiguous slice of a planned batch's rows, as arrays."""
-    per_process = len(rows) // process_count
-    rows = rows[process_index * per_process : (process_index + 1) * per_process]
-    if cfg.pack_lengths:
-        return pack_batch(examples, rows, length)
-    return pad_batch(examples, rows, per_process, length)
+    """This process's contiguous slice of batch b's rows, as arrays (reading only its own pairs)."""
+    pairs, row_of_pair, rows = plan.local_rows(b, process_index, process_count)
+    return build_batch(examples, pairs, row_of_pair, rows, int(plan.batch_length[b]), bool(cfg.pack_lengths))
 
 
 class TrainStream:
     """Endless stream of global training batches with a resumable position.
 
-    `position` is (epoch, index of the next batch in that epoch's plan). On several hosts each
-    process takes its own contiguous slice of every global batch's rows.
+    `position` is (epoch, index of the next batch in that epoch's plan): resuming costs one epoch
+    plan, never a replay. On several hosts each process takes its own contiguous slice of every
+    global batch's rows.
     """
 
     def __init__(self, examples: Examples, cfg: DataConfig, seed: int, row_multiple: int = 1,
@@ -380,9 +336,9 @@ class TrainStream:
         self.row_multiple = row_multiple
         self.process_index, self.process_count = process_index, process_count
         self.epoch, self.index = 0, 0
-        self._plan_epoch, self._plan = -1, []
+        self._plan_epoch, self._plan = -1, None
 
-    def plan(self, epoch: int) -> list:
+    def plan(self, epoch: int) -> plans.Plan:
         if epoch != self._plan_epoch:
             self._plan = plan_epoch(self.examples, self.cfg, self.row_multiple, self.seed, epoch)
             self._plan_epoch = epoch
@@ -403,16 +359,16 @@ class TrainStream:
         if self.index >= len(plan):
             self.epoch, self.index = self.epoch + 1, 0
             plan = self.plan(self.epoch)
-        length, indices = plan[self.index]
+        b = self.index
         self.index += 1
-        return local_batch(self.examples, self.cfg, length, indices, self.process_index, self.process_count)
+        return local_batch(self.examples, self.cfg, plan, b, self.process_index, self.process_count)
 
 
 def eval_batches(examples: Examples, cfg: DataConfig, row_multiple: int = 1, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Every example once, sorted by length, in the training batches' shapes (validation loss)."""
     plan = plan_epoch(examples, cfg, row_multiple, 0, 0, shuffle=False)
-    return [local_batch(examples, cfg, length, rows, process_index, process_count) for length, rows in plan]
+    return [local_batch(examples, cfg, plan, b, process_index, process_count) for b in range(len(plan))]
 
 
 def write_jsonl_pairs(path: str | Path, src: Sequence[str], tgt: Sequence[str], src_lang: str, tgt_lang: str) -> None:

@@ -200,10 +200,18 @@ def _from_cache(entry: Path, names: Sequence[str], run_dir: Path) -> Tokenizer |
     return load_from_run(run_dir)
 
 
+def data_cache_key(cfg: TokenizerConfig, data_fingerprint: str, seed: int) -> str:
+    """A second name for a cache entry: the corpus fingerprint (corpus.py) instead of its text, so
+    a new run on a large corpus finds its tokenizer without reading the corpus."""
+    settings = [CACHE_VERSION, spm.__version__, dataclasses.asdict(cfg), seed, data_fingerprint]
+    return "data-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: int = 0,
-                  cache_dir: str | Path | None = None) -> Tokenizer:
+                  cache_dir: str | Path | None = None, data_fingerprint: str | None = None) -> Tokenizer:
     """The run's own tokenizer if present, else cfg.model_paths, else one from `cache_dir` trained
-    earlier on the same text and settings, else one trained now (and stored in `cache_dir`).
+    earlier on the same text (or the same corpus fingerprint) and settings, else one trained now
+    (and stored in `cache_dir` under both names).
 
     `train_pairs` is a callable returning (src_texts, tgt_texts), called only if training is needed.
     """
@@ -217,14 +225,19 @@ def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: 
         tok.save(run_dir)
         tok = load_from_run(run_dir)
     else:
-        src, tgt = train_pairs()
-        entry = Path(cache_dir) / cache_key(cfg, src, tgt, seed) if cache_dir else None
         names = _model_names(cfg)
-        tok = _from_cache(entry, names, run_dir) if entry is not None else None
+        by_data = Path(cache_dir) / data_cache_key(cfg, data_fingerprint, seed) if cache_dir and data_fingerprint else None
+        tok = _from_cache(by_data, names, run_dir) if by_data is not None else None
         if tok is None:
-            tok = train(cfg, src, tgt, run_dir, seed)
-            if entry is not None:
-                _store(run_dir, entry, names)
+            src, tgt = train_pairs()
+            entry = Path(cache_dir) / cache_key(cfg, src, tgt, seed) if cache_dir else None
+            tok = _from_cache(entry, names, run_dir) if entry is not None else None
+            if tok is None:
+                tok = train(cfg, src, tgt, run_dir, seed)
+                if entry is not None:
+                    _store(run_dir, entry, names)
+            if by_data is not None:
+                _store(run_dir, by_data, names)
     if tok.joint != cfg.joint:
         raise ConfigError(
             f"tokenizer in {run_dir} is {'joint' if tok.joint else 'separate'} but tokenizer.joint={cfg.joint}"

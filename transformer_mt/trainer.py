@@ -1,13 +1,13 @@
-"""The training loop: data, mesh, jit, logging, validation, checkpoints, resume.
+"""The training loop: set up (data, model, state, resume), step until done, save and report.
 
 The step functions themselves are pure (train_step.py); here they are jit-compiled once per
-process (see compiled_steps) with explicit shardings and donated state.
+process (see compiled_steps) with explicit shardings and donated state. Batches come from a
+background thread (prefetch.py) over the memory-mapped token store (train_data.py).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import time
@@ -19,30 +19,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from transformer_mt import compile_cache
 from transformer_mt import config as config_lib
+from transformer_mt import corpus
 from transformer_mt import data as data_lib
 from transformer_mt import rundir
 from transformer_mt import sharding
-from transformer_mt import tokenizer as tok_lib
+from transformer_mt import train_data
 from transformer_mt import train_step as ts
-from transformer_mt.checkpoint import Checkpoints, complete_steps
+from transformer_mt.checkpoint import Checkpoints
 from transformer_mt.config import Config, ConfigError
 from transformer_mt.model import count_params
+from transformer_mt.prefetch import Prefetcher
 from transformer_mt.rundir import CONFIG_FILE, METRICS_FILE, build_model
-
+from transformer_mt.train_log import MetricsLog, ProgressBar, summarise, truncate_metrics
 
 # Test hook (tests/test_faults.py, benchmarks/kill_resume.py): with this set to N, the run waits
 # after step N (before N+1) until it is signalled. A test that plans to kill the run at some later
 # moment holds it before its last step, so the run can never finish before that moment comes.
 HOLD_ENV = "TRANSFORMER_MT_TEST_HOLD_AT_STEP"
 _LAUNCHER = os.getppid()  # noted at import: a held run whose launcher is gone stops (StopSignal.wait)
+PREFETCH_DEPTH = 4
 
 
 class TrainingStopped(RuntimeError):
     """Training ended early for a reason the user must see (e.g. a non-finite loss)."""
+
+
+class Interrupted(RuntimeError):
+    """A signal stopped the launch before training began; nothing half-written was left."""
+
+    def __init__(self, signal_name: str, phase: str):
+        super().__init__(f"{signal_name} received while {phase}")
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -84,54 +93,9 @@ def compiled_steps(graphdef, optimizer: ts.OptimizerSettings, smoothing: float, 
     )
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard, written by process 0 only."""
-
-    def __init__(self, workdir: Path, enabled: bool, purge_step: int | None = None):
-        self.enabled = enabled
-        self.file = open(workdir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
-        self.tb = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            # purge_step: TensorBoard drops the killed run's points from this step on.
-            self.tb = SummaryWriter(str(workdir / "tb"), purge_step=purge_step)
-
-    def write(self, record: dict, prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        # Wall-clock time (Unix seconds) in the file only: TensorBoard keeps its own.
-        self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            if key not in ("step", "split") and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keeps the records up to `step` (and drops a half-written last line); rewritten atomically."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
-
-
 class StopSignal:
-    """Turns SIGTERM/SIGINT (preemption notice, Ctrl-C) into a flag checked between steps."""
+    """Turns SIGTERM/SIGINT (preemption notice, Ctrl-C) into a flag, checked between steps and
+    between the chunks of every phase before them (reading, tokenizing, planning)."""
 
     def __init__(self):
         self.received = None
@@ -180,6 +144,49 @@ def prepare_workdir(workdir: Path, cfg: Config | None, resume: bool, overrides: 
     return cfg
 
 
+@dataclass
+class Run:
+    """Everything a training run holds between steps: the one place its state lives."""
+
+    cfg: Config
+    workdir: Path
+    mesh: Any
+    data: train_data.RunData
+    stream: data_lib.TrainStream
+    graphdef: Any
+    state: Any
+    steps: CompiledSteps
+    checkpoints: Checkpoints
+    best: Checkpoints
+    progress: Progress
+    pending: list  # metrics of the steps since the last log record
+    start_step: int
+    batches: Prefetcher | None = None
+    log: MetricsLog | None = None
+    bar: ProgressBar | None = None
+    translator: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def meta(self) -> dict:
+        """The checkpoint's JSON record. Steps since the last log record travel with it, so that a
+        run resumed between two records logs the same averages as a run never stopped."""
+        unlogged = [{k: float(v) for k, v in m.items()} for m in jax.device_get(self.pending)]
+        return {"data_position": self.batches.position, "progress": self.progress.__dict__,
+                "config": config_lib.to_dict(self.cfg), "step": self.step, "unlogged_metrics": unlogged}
+
+    def close(self) -> None:
+        for part in (self.batches, self.checkpoints, self.best, self.log, self.bar):
+            if part is not None:
+                part.close()
+
+
 def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrides: list[str] | None = None,
           progress_bar: bool = True, init_from: str | None = None) -> dict:
     """Trains (or resumes) a run in `workdir`; returns the last logged metrics.
@@ -190,206 +197,188 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
     sharding.maybe_initialize_distributed()
     workdir = Path(workdir)
     cfg = prepare_workdir(workdir, cfg, resume, overrides or [])
-    is_main = jax.process_index() == 0
-    tcfg, dcfg = cfg.train, cfg.data
+    with StopSignal() as stop:
+        try:
+            run = set_up(cfg, workdir, resume, init_from, progress_bar, stop)
+        except corpus.Interrupted:
+            raise Interrupted(stop.received or "SIGINT", "preparing the training data") from None
+        try:
+            last, stop_reason = loop(run, stop)
+            return finish(run, last, stop_reason)
+        finally:
+            run.close()
 
-    # Data and tokenizer.
-    train_src, train_tgt = data_lib.load_split(dcfg, "train")
-    if init_from and is_main and not (resume and complete_steps(rundir.checkpoints_dir(workdir))):
-        rundir.copy_tokenizer(rundir.parse_checkpoint_path(init_from)[0], workdir)
-    if jax.process_count() > 1:
-        # Process 0 trains (or copies) the tokenizer into the shared run directory; the rest wait.
-        from jax.experimental import multihost_utils
 
-        if is_main:
-            tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed,
-                                  compile_cache.tokenizer_dir())
-        multihost_utils.sync_global_devices("tokenizer ready")
-    tok = tok_lib.load_or_train(cfg.tokenizer, workdir, lambda: (train_src, train_tgt), tcfg.seed,
-                                compile_cache.tokenizer_dir())
+def set_up(cfg: Config, workdir: Path, resume: bool, init_from: str | None, progress_bar: bool,
+           stop: StopSignal) -> Run:
+    """Data, model, optimizer state (restored on resume), compiled steps, logs."""
     mesh = sharding.make_mesh()
-    rows_multiple = sharding.data_size(mesh)
-    train_examples = data_lib.tokenize_pairs(tok, train_src, train_tgt, dcfg.max_len)
-    stream = data_lib.TrainStream(train_examples, dcfg, tcfg.seed, rows_multiple,
+    should_stop = lambda: stop.received is not None  # noqa: E731
+    data = train_data.prepare(cfg, workdir, init_from, resume, sharding.data_size(mesh), progress_bar, should_stop)
+    if should_stop():
+        raise corpus.Interrupted("stopped")
+    stream = data_lib.TrainStream(data.train, cfg.data, cfg.train.seed, sharding.data_size(mesh),
                                   jax.process_index(), jax.process_count())
-    valid_src, valid_tgt = data_lib.load_split(dcfg, "valid")
-    valid_examples = data_lib.tokenize_pairs(tok, valid_src, valid_tgt, (dcfg.pack_lengths or dcfg.bucket_lengths)[-1])
-    valid_batches = data_lib.eval_batches(valid_examples, dcfg, rows_multiple, jax.process_index(),
-                                          jax.process_count()) if len(valid_examples) else []
-
-    # Model, optimizer, state.
-    model = build_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
-    tx = ts.make_optimizer(tcfg)
-    graphdef, state = ts.init_state(model, tx, tcfg.seed)
-    del model
+    model = build_model(cfg, data.tok.src_vocab_size, data.tok.tgt_vocab_size)
+    graphdef, state = ts.init_state(model, ts.make_optimizer(cfg.train), cfg.train.seed)
     state = sharding.put_state(mesh, state)
-
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
-    best = Checkpoints(workdir / "best", keep=1)
-    progress = Progress()
-    restored = checkpoints.restore_newest(state) if resume else None
-    if restored is not None:
-        state, meta, _ = restored
-        stream.set_position(meta["data_position"])
-        progress = Progress(**meta["progress"])
-    elif init_from:
-        params, source = rundir.init_params(init_from, state["params"], mesh)
-        state = {**state, "params": params}
-        if is_main:
-            print(f"parameters from {source}; optimizer and step fresh", flush=True)
-    start_step = int(state["step"])
-    if resume and is_main:
-        # Whatever a killed run wrote after this checkpoint is redone, identically, from here.
-        best.delete_after(start_step)
-        truncate_metrics(workdir / METRICS_FILE, start_step)
-
-    state_leaves, state_treedef = jax.tree.flatten(sharding.state_sharding(mesh, state))
-    steps = compiled_steps(graphdef, ts.OptimizerSettings.of(tcfg), tcfg.label_smoothing, mesh, state_treedef,
-                           tuple(state_leaves))
-
-    def one_step(state):
-        if tcfg.grad_accum == 1:
-            return steps.fused(state, sharding.put_batch(mesh, next(stream)))
-        acc = None
-        for i in range(tcfg.grad_accum):
-            out = steps.micro(state, sharding.put_batch(mesh, next(stream)), jnp.int32(i))
-            acc = out if acc is None else steps.add(acc, *out)
-        return steps.apply(state, *acc)
-
-    def meta() -> dict:
-        # Steps since the last log record travel with the checkpoint, so that a run resumed between
-        # two records logs the same averages as a run never stopped.
-        unlogged = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
-        return {"data_position": stream.position, "progress": progress.__dict__,
-                "config": config_lib.to_dict(cfg), "step": int(state["step"]), "unlogged_metrics": unlogged}
-
-    log = MetricsLog(workdir, is_main, purge_step=start_step + 1 if resume else None)
-    if is_main:
-        n_params = count_params(nnx.merge(graphdef, state["params"]))
-        print(f"model: {n_params / 1e6:.2f}M parameters; vocab {tok.src_vocab_size}/{tok.tgt_vocab_size}; "
-              f"{len(train_examples)} training pairs; {len(jax.devices())} device(s); from step {start_step}",
-              flush=True)
-
-    translator = None
+    tcfg = cfg.train
+    run = Run(cfg, workdir, mesh, data, stream, graphdef, state, None,
+              Checkpoints(workdir / "checkpoints", keep=tcfg.keep_checkpoints), Checkpoints(workdir / "best", keep=1),
+              Progress(), [], 0)
+    restore(run, resume, init_from)
+    leaves, treedef = jax.tree.flatten(sharding.state_sharding(mesh, run.state))
+    run.steps = compiled_steps(graphdef, ts.OptimizerSettings.of(tcfg), tcfg.label_smoothing, mesh, treedef,
+                               tuple(leaves))
+    run.batches = Prefetcher(stream, PREFETCH_DEPTH, prepare=functools.partial(sharding.put_batch, mesh))
+    run.log = MetricsLog(workdir, run.is_main, purge_step=run.start_step + 1 if resume else None)
     if tcfg.bleu_every:
         from transformer_mt.translate import Translator
 
-        translator = Translator(cfg, graphdef, tok, mesh)
-        bleu_src = valid_src[: tcfg.bleu_subset] if tcfg.bleu_subset else valid_src
-        bleu_ref = valid_tgt[: tcfg.bleu_subset] if tcfg.bleu_subset else valid_tgt
+        run.translator = Translator(cfg, graphdef, data.tok, mesh)
+    if run.is_main:
+        n_params = count_params(nnx.merge(graphdef, run.state["params"]))
+        print(f"model: {n_params / 1e6:.2f}M parameters; vocab {data.tok.src_vocab_size}/{data.tok.tgt_vocab_size}; "
+              f"{len(data.train):,} training pairs; {len(jax.devices())} device(s); from step {run.start_step}",
+              flush=True)
+    run.bar = ProgressBar(run.start_step, tcfg.max_steps, (tcfg.eval_every, tcfg.bleu_every),
+                          progress_bar and run.is_main)
+    return run
 
-    last: dict[str, Any] = {}
-    pending: list = list(restored[1].get("unlogged_metrics", [])) if restored is not None else []
-    t_start = time.time()
-    t_log, step = time.time(), start_step
-    bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (progress_bar and is_main),
-               dynamic_ncols=True, desc="train")
-    stop_reason = None
+
+def restore(run: Run, resume: bool, init_from: str | None) -> None:
+    """The newest checkpoint's state, data position and history (resume), or --init-from's parameters."""
+    restored = run.checkpoints.restore_newest(run.state) if resume else None
+    if restored is not None:
+        run.state, meta, _ = restored
+        run.stream.set_position(meta["data_position"])
+        run.progress = Progress(**meta["progress"])
+        run.pending = list(meta.get("unlogged_metrics", []))
+    elif init_from:
+        params, source = rundir.init_params(init_from, run.state["params"], run.mesh)
+        run.state = {**run.state, "params": params}
+        if run.is_main:
+            print(f"parameters from {source}; optimizer and step fresh", flush=True)
+    run.start_step = run.step
+    if resume and run.is_main:
+        # Whatever a killed run wrote after this checkpoint is redone, identically, from here.
+        run.best.delete_after(run.start_step)
+        truncate_metrics(run.workdir / METRICS_FILE, run.start_step)
+
+
+def one_step(run: Run):
+    """One optimizer step over train.grad_accum micro-batches."""
+    steps, accum = run.steps, run.cfg.train.grad_accum
+    if accum == 1:
+        return steps.fused(run.state, next(run.batches))
+    acc = None
+    for i in range(accum):
+        out = steps.micro(run.state, next(run.batches), jnp.int32(i))
+        acc = out if acc is None else steps.add(acc, *out)
+    return steps.apply(run.state, *acc)
+
+
+def loop(run: Run, stop: StopSignal) -> tuple[dict, str | None]:
+    """Steps until max_steps, a stop signal, early stopping, the time limit or a non-finite loss."""
+    tcfg = run.cfg.train
     hold_at = int(os.environ.get(HOLD_ENV) or -1)
-    with StopSignal() as stop:
-        while step < tcfg.max_steps:
-            if step == hold_at:
-                stop_reason = f"signal {stop.wait()}"
-                break
-            state, metrics = one_step(state)
-            step += 1
-            pending.append(metrics)
-            bar.update(1)
-            if tcfg.log_every and step % tcfg.log_every == 0 or step == tcfg.max_steps:
-                last = _summarise(jax.device_get(pending), step, time.time() - t_log,
-                                  float(ts.inverse_sqrt_schedule(tcfg.learning_rate, tcfg.warmup_steps)(step - 1)))
-                pending, t_log = [], time.time()
-                log.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
-                if last["nonfinite_steps"] and tcfg.on_nonfinite == "stop":
-                    stop_reason = "nonfinite"
-                    break
-                if last["nonfinite_steps"]:
-                    tqdm.write(f"warning: skipped {last['nonfinite_steps']} step(s) with a non-finite loss or gradient before step {step}")
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and valid_batches:
-                record = _validate(steps.evaluate, state["params"], valid_batches, mesh, step)
-                log.write(record, "valid")
-                tqdm.write(f"step {step}: valid loss {record['loss']:.4f} nll {record['nll']:.4f} acc {record['accuracy']:.3f}")
-            if translator is not None and step % tcfg.bleu_every == 0:
-                record = _validate_bleu(translator, state["params"], bleu_src, bleu_ref, cfg, step)
-                log.write(record, "valid")
-                improved = record["bleu"] > progress.best_bleu
-                progress.history.append([step, record["bleu"]])
-                if improved:
-                    progress.best_bleu, progress.best_step, progress.bad_validations = record["bleu"], step, 0
-                else:
-                    progress.bad_validations += 1
-                tqdm.write(f"step {step}: valid BLEU {record['bleu']:.2f} (best {progress.best_bleu:.2f} at {progress.best_step})")
-                if improved:
-                    best.save(step, state, meta())
-                if tcfg.patience and progress.bad_validations >= tcfg.patience:
-                    stop_reason = "early stopping"
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
-                checkpoints.save(step, state, meta())
-            if tcfg.time_limit_minutes and time.time() - t_start > 60 * tcfg.time_limit_minutes:
-                stop_reason = stop_reason or "time limit"
-            if stop.received and step < tcfg.max_steps:  # at the last step the run is simply done
-                stop_reason = f"signal {stop.received}"
-            if stop_reason:
-                break
-        bar.close()
-        if stop_reason == "nonfinite":
-            checkpoints.close()
-            best.close()
-            log.close()
-            raise TrainingStopped(
-                f"non-finite loss or gradient at or before step {step}; stopped (train.on_nonfinite=stop), "
-                f"last good checkpoint: step {checkpoints.latest_step()}"
-            )
-        # A preempted run saves at once (the grace period is short); validation waits for the real end.
-        preempted = (stop_reason or "").startswith("signal ")
-        if valid_batches and tcfg.eval_every and step % tcfg.eval_every and not preempted:
-            record = _validate(steps.evaluate, state["params"], valid_batches, mesh, step)  # final validation
-            log.write(record, "valid")
-            tqdm.write(f"step {step}: valid loss {record['loss']:.4f} nll {record['nll']:.4f} acc {record['accuracy']:.3f}")
-        if checkpoints.latest_step() != step:
-            checkpoints.save(step, state, meta())
-        checkpoints.close()
-        best.close()
-    log.close()
-    if is_main:
-        print(f"stopped at step {step}" + (f" ({stop_reason})" if stop_reason else "") +
-              f"; checkpoint in {checkpoints.directory}", flush=True)
-    return {**last, "step": step, "stop_reason": stop_reason}  # the step reached, not the last logged one
+    last: dict[str, Any] = {}
+    t_start = t_log = time.time()
+    wait_at_log = run.batches.wait_seconds
+    step, stop_reason = run.start_step, None
+    while step < tcfg.max_steps and not stop_reason:
+        if step == hold_at:
+            return last, f"signal {stop.wait()}"
+        run.state, metrics = one_step(run)
+        step += 1
+        run.pending.append(metrics)
+        run.bar.step(step)
+        if tcfg.log_every and step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            lr = float(ts.inverse_sqrt_schedule(tcfg.learning_rate, tcfg.warmup_steps)(step - 1))
+            last = summarise(jax.device_get(run.pending), step, time.time() - t_log, lr,
+                             run.batches.wait_seconds - wait_at_log)
+            run.pending, t_log, wait_at_log = [], time.time(), run.batches.wait_seconds
+            run.log.write(last)
+            run.bar.show(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+            if last["nonfinite_steps"] and tcfg.on_nonfinite == "stop":
+                return last, "nonfinite"
+            if last["nonfinite_steps"]:
+                run.bar.write(f"warning: skipped {last['nonfinite_steps']} step(s) with a non-finite loss or "
+                              f"gradient before step {step}")
+        stop_reason = validate_and_save(run, step)
+        if tcfg.time_limit_minutes and time.time() - t_start > 60 * tcfg.time_limit_minutes:
+            stop_reason = stop_reason or "time limit"
+        if stop.received and step < tcfg.max_steps:  # at the last step the run is simply done
+            stop_reason = f"signal {stop.received}"
+    return last, stop_reason
 
 
-def _summarise(pending: list[dict], step: int, seconds: float, lr: float) -> dict:
-    tokens = sum(float(m["tokens"]) for m in pending)
-    finite = [m for m in pending if bool(m["finite"])]
-
-    def mean(key):
-        if not finite:
-            return float("nan")
-        return float(np.average([float(m[key]) for m in finite], weights=[float(m["tokens"]) for m in finite]))
-
-    return {
-        "step": step, "loss": mean("loss"), "nll": mean("nll"), "accuracy": mean("accuracy"),
-        "grad_norm": float(np.mean([float(m["grad_norm"]) for m in finite])) if finite else float("nan"),
-        "lr": lr, "tokens_per_sec": tokens / max(seconds, 1e-9),
-        "nonfinite_steps": len(pending) - len(finite),
-    }
+def validate_and_save(run: Run, step: int) -> str | None:
+    """Whatever is due at this step: validation loss, validation BLEU (saving a new best), a checkpoint."""
+    tcfg, stop_reason = run.cfg.train, None
+    if tcfg.eval_every and step % tcfg.eval_every == 0 and run.data.valid_batches:
+        with run.bar.validating(tcfg.eval_every):
+            validate_loss(run, step)
+    if run.translator is not None and step % tcfg.bleu_every == 0:
+        with run.bar.validating(tcfg.bleu_every):
+            stop_reason = validate_bleu(run, step)
+    if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+        run.checkpoints.save(step, run.state, run.meta())
+    return stop_reason
 
 
-def _validate(evaluate, params, batches, mesh, step: int) -> dict:
+def validate_loss(run: Run, step: int) -> None:
     totals = None
-    for batch in batches:
-        out = evaluate(params, sharding.put_batch(mesh, batch))
+    for batch in run.data.valid_batches:
+        out = run.steps.evaluate(run.state["params"], sharding.put_batch(run.mesh, batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     tokens = max(float(totals["tokens"]), 1.0)
     nll = float(totals["nll_sum"]) / tokens
-    return {"step": step, "split": "valid", "loss": float(totals["loss_sum"]) / tokens, "nll": nll,
-            "ppl": float(np.exp(min(nll, 50.0))), "accuracy": float(totals["correct"]) / tokens}
+    record = {"step": step, "split": "valid", "loss": float(totals["loss_sum"]) / tokens, "nll": nll,
+              "ppl": float(np.exp(min(nll, 50.0))), "accuracy": float(totals["correct"]) / tokens}
+    run.log.write(record, "valid")
+    run.bar.write(f"step {step}: valid loss {record['loss']:.4f} nll {record['nll']:.4f} acc {record['accuracy']:.3f}")
 
 
-def _validate_bleu(translator, params, src, ref, cfg: Config, step: int) -> dict:
+def validate_bleu(run: Run, step: int) -> str | None:
+    """Validation BLEU; saves a new best; returns "early stopping" when patience runs out."""
     from transformer_mt.metrics import corpus_scores
 
-    hyps = translator.translate(params, src, beam_size=cfg.decode.beam_size, alpha=cfg.decode.alpha)
-    scores = corpus_scores(hyps, ref)
-    return {"step": step, "split": "valid", "bleu": scores["bleu"], "chrf": scores["chrf"]}
+    cfg, progress = run.cfg, run.progress
+    n = cfg.train.bleu_subset or len(run.data.valid_src)
+    hyps = run.translator.translate(run.state["params"], run.data.valid_src[:n], beam_size=cfg.decode.beam_size,
+                                    alpha=cfg.decode.alpha)
+    scores = corpus_scores(hyps, run.data.valid_tgt[:n])
+    run.log.write({"step": step, "split": "valid", "bleu": scores["bleu"], "chrf": scores["chrf"]}, "valid")
+    improved = scores["bleu"] > progress.best_bleu
+    progress.history.append([step, scores["bleu"]])
+    if improved:
+        progress.best_bleu, progress.best_step, progress.bad_validations = scores["bleu"], step, 0
+        run.best.save(step, run.state, run.meta())
+    else:
+        progress.bad_validations += 1
+    run.bar.write(f"step {step}: valid BLEU {scores['bleu']:.2f} (best {progress.best_bleu:.2f} at {progress.best_step})")
+    if cfg.train.patience and progress.bad_validations >= cfg.train.patience:
+        return "early stopping"
+    return None
+
+
+def finish(run: Run, last: dict, stop_reason: str | None) -> dict:
+    """The last validation and checkpoint (a preempted run only saves: its grace period is short)."""
+    step, tcfg = run.step, run.cfg.train
+    run.bar.close()
+    if stop_reason == "nonfinite":
+        raise TrainingStopped(
+            f"non-finite loss or gradient at or before step {step}; stopped (train.on_nonfinite=stop), "
+            f"last good checkpoint: step {run.checkpoints.latest_step()}"
+        )
+    preempted = (stop_reason or "").startswith("signal ")
+    if run.data.valid_batches and tcfg.eval_every and step % tcfg.eval_every and not preempted:
+        validate_loss(run, step)
+    if run.checkpoints.latest_step() != step:
+        run.checkpoints.save(step, run.state, run.meta())
+    if run.is_main:
+        print(f"stopped at step {step}" + (f" ({stop_reason})" if stop_reason else "") +
+              f"; checkpoint in {run.checkpoints.directory}", flush=True)
+    return {**last, "step": step, "stop_reason": stop_reason}  # the step reached, not the last logged one
