@@ -105,16 +105,22 @@ def read_local(files: Sequence[str], src_lang: str, tgt_lang: str) -> tuple[list
     raise ConfigError(f"expected one (.tsv/.jsonl) or two (parallel text) data files, got {len(paths)}")
 
 
-def read_hub(name: str, config_name: str, split: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
-    """A Hugging Face hub translation dataset (e.g. wmt14 de-en); needs the network or a local cache."""
-    import datasets
+def read_hub(name: str, config_name: str, split: str, src_lang: str, tgt_lang: str, revision: str = ""
+             ) -> tuple[list[str], list[str]]:
+    """A (small) split of a Hugging Face hub dataset (e.g. wmt14 de-en validation), streamed so that
+    asking for it never converts the dataset's other splits; needs the network, a local cache, or a
+    local dataset directory."""
+    from transformer_mt import corpus
 
-    try:
-        records = datasets.load_dataset(name, config_name or None, split=split)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot load hub dataset {name}/{config_name} split {split}: {msg}") from None
-    return _translation_columns(records, f"{name}/{split}", src_lang, tgt_lang)
+    cfg = DataConfig(dataset=name, dataset_config=config_name, dataset_revision=revision, src_lang=src_lang,
+                     tgt_lang=tgt_lang)
+    src: list[str] = []
+    tgt: list[str] = []
+    for batch in corpus.open_hub(cfg, split, streaming=True).iter(batch_size=1 << 12):
+        s, t = corpus.translation_columns(batch, f"{name}/{split}", src_lang, tgt_lang)
+        src += [x or "" for x in s]
+        tgt += [x or "" for x in t]
+    return src, tgt
 
 
 def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
@@ -124,7 +130,7 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
         src, tgt = read_local(files, cfg.src_lang, cfg.tgt_lang)
     elif cfg.dataset:
         hub_split = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}[split]
-        src, tgt = read_hub(cfg.dataset, cfg.dataset_config, hub_split, cfg.src_lang, cfg.tgt_lang)
+        src, tgt = read_hub(cfg.dataset, cfg.dataset_config, hub_split, cfg.src_lang, cfg.tgt_lang, cfg.dataset_revision)
     else:
         return [], []
     if split == "train" and cfg.max_train_examples:

@@ -43,6 +43,9 @@ CHUNK_PAIRS = 1 << 15
 SMALL_INPUT = 16 << 20  # bytes of input below which tokenizing in this process beats starting workers
 SHOWN = 5  # line numbers shown per kind of dropped or repaired line
 META = "meta.json"
+# Test hook (tests/test_store.py): with this set, a build holds after writing its first chunk until
+# it is told to stop, so a test can signal or kill it mid-build without racing it.
+HOLD_ENV = "TRANSFORMER_MT_TEST_HOLD_BUILD"
 
 
 def default_dir(cfg: DataConfig) -> Path:
@@ -224,6 +227,10 @@ def build(cfg: DataConfig, tok, directory: Path, workers: int | None = None, pro
         else:
             for chunk in chunks:
                 writer.add(tokenize_chunk(chunk, *args, tok=tok))
+                if os.environ.get(HOLD_ENV):
+                    print(f"build held in {tmp}", file=sys.stderr, flush=True)
+                    while not should_stop():
+                        time.sleep(0.01)
         writer.close()
         report = writer.report
         if not report.kept:
