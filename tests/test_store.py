@@ -188,3 +188,16 @@ def test_tokenizer_sample_is_the_whole_small_corpus_in_order(tmp_path):
     a, b = corpus.sample_pairs(cfg, 10, seed=0)
     assert len(a) == 10 and all(tgt[src.index(s)] == t for s, t in zip(a, b))
     assert (a, b) != corpus.sample_pairs(cfg, 10, seed=1)
+
+
+def test_large_tokenizer_sample_trains_in_a_child_that_a_stop_ends(tmp_path, monkeypatch):
+    src, tgt = read_gz("train.en.gz", 1500), read_gz("train.de.gz", 1500)
+    cfg = TokenizerConfig(vocab_size=300)
+    monkeypatch.setattr(tok_lib, "CHILD_PROCESS_LINES", 1000)
+    tok_lib.train(cfg, src, tgt, tmp_path / "child", 0, should_stop=lambda: False)
+    tok_lib.train(cfg, src, tgt, tmp_path / "here", 0)
+    assert (tmp_path / "child" / "spm.model").read_bytes() == (tmp_path / "here" / "spm.model").read_bytes()
+    polls = []
+    with pytest.raises(corpus.Interrupted):  # the first poll comes after the child started
+        tok_lib.train(cfg, src, tgt, tmp_path / "stopped", 0, should_stop=lambda: polls.append(1) or True)
+    assert polls == [1] and not (tmp_path / "stopped" / "spm.model").exists()

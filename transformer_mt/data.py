@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,13 @@ class Examples:
         """Tokens each pair takes in a row: (source with EOS, target with BOS / EOS)."""
         return self.src_len.astype(np.int32), self.tgt_len.astype(np.int32) + 1
 
+    def release_pages(self) -> None:
+        """Drops the memory-mapped pages read so far from this process's resident set (they stay
+        in the OS page cache), so RSS stays flat over an epoch of a corpus larger than RAM."""
+        for array in (self.src_tokens, self.tgt_tokens, self.src_offsets, self.tgt_offsets):
+            if isinstance(array, np.memmap) and hasattr(mmap, "MADV_DONTNEED"):
+                array._mmap.madvise(mmap.MADV_DONTNEED)
+
     def gather(self, side: str, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The tokens of `pairs` one after another (int32), and each pair's length. Touches only
         those pairs' bytes of a memory-mapped store."""
@@ -326,6 +334,9 @@ def local_batch(examples: Examples, cfg: DataConfig, plan: plans.Plan, b: int, p
     return build_batch(examples, pairs, row_of_pair, rows, int(plan.batch_length[b]), bool(cfg.pack_lengths))
 
 
+RELEASE_EVERY = 256  # batches between two Examples.release_pages()
+
+
 class TrainStream:
     """Endless stream of global training batches with a resumable position.
 
@@ -367,6 +378,8 @@ class TrainStream:
             plan = self.plan(self.epoch)
         b = self.index
         self.index += 1
+        if self.index % RELEASE_EVERY == 0:
+            self.examples.release_pages()
         return local_batch(self.examples, self.cfg, plan, b, self.process_index, self.process_count)
 
 

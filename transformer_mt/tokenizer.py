@@ -109,16 +109,60 @@ def load_from_run(run_dir: str | Path) -> Tokenizer:
     raise ConfigError(f"no tokenizer ({JOINT_FILE} or {SRC_FILE}) in run directory {run_dir}")
 
 
-def _train_one(texts: Sequence[str], path: Path, cfg: TokenizerConfig, seed: int) -> Path:
+# Samples larger than this train in a child process, which a stop signal can end at once
+# (SentencePiece's C++ training does not return to Python, and so to a signal handler, until done).
+CHILD_PROCESS_LINES = 200_000
+
+
+def _spm_train_to(kwargs: dict, lines_path: str, model_path: str, error_path: str) -> None:
+    """Child process body: trains on the lines of a file, writes the model or the error."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop us
+    try:
+        with open(lines_path, encoding="utf-8") as f:
+            lines = f.read().split("\n")[:-1]
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **kwargs)
+        Path(model_path).write_bytes(model.getvalue())
+    except Exception as e:  # reported by the parent in one line
+        Path(error_path).write_text(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _train_in_child(kwargs: dict, lines: Sequence[str], should_stop) -> bytes:
+    import subprocess
+    import sys
+    import time
+
+    from transformer_mt.corpus import Interrupted
+
+    with tempfile.TemporaryDirectory(prefix="spm-train-") as tmp:
+        paths = [os.path.join(tmp, name) for name in ("lines.txt", "model", "error")]
+        with open(paths[0], "w", encoding="utf-8") as f:
+            f.writelines(line.replace("\n", " ") + "\n" for line in lines)
+        code = "import json, sys; from transformer_mt.tokenizer import _spm_train_to; " \
+               "_spm_train_to(json.loads(sys.argv[1]), *sys.argv[2:])"
+        child = subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs), *paths])
+        while child.poll() is None:
+            if should_stop():
+                child.kill()
+                child.wait()
+                raise Interrupted("stopped while training the tokenizer")
+            time.sleep(0.05)
+        if os.path.exists(paths[2]):
+            raise ConfigError(f"tokenizer training failed: {Path(paths[2]).read_text()}")
+        if child.returncode or not os.path.exists(paths[1]):
+            raise ConfigError(f"tokenizer training failed: its process exited with code {child.returncode}")
+        return Path(paths[1]).read_bytes()
+
+
+def _train_one(texts: Sequence[str], path: Path, cfg: TokenizerConfig, seed: int, should_stop=None) -> Path:
     lines = [t for t in texts if t.strip()]
     if cfg.input_sentence_size and len(lines) > cfg.input_sentence_size:
         lines = random.Random(seed).sample(lines, cfg.input_sentence_size)
     if not lines:
         raise ConfigError("cannot train a tokenizer: the training data has no non-empty lines")
-    model = io.BytesIO()
     kwargs = dict(
-        sentence_iterator=iter(lines),
-        model_writer=model,
         vocab_size=cfg.vocab_size,
         model_type=cfg.model_type,
         character_coverage=cfg.character_coverage,
@@ -131,25 +175,32 @@ def _train_one(texts: Sequence[str], path: Path, cfg: TokenizerConfig, seed: int
         # Small corpora cannot always reach vocab_size: treat it as an upper bound.
         hard_vocab_limit=False,
     )
-    try:
-        spm.SentencePieceTrainer.train(**kwargs)
-    except RuntimeError as e:
-        raise ConfigError(f"tokenizer training failed: {str(e).splitlines()[0]}") from None
+    if should_stop is not None and len(lines) > CHILD_PROCESS_LINES:
+        data = _train_in_child(kwargs, lines, should_stop)
+    else:
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **kwargs)
+        except RuntimeError as e:
+            raise ConfigError(f"tokenizer training failed: {str(e).splitlines()[0]}") from None
+        data = model.getvalue()
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
+    tmp.write_bytes(data)
     tmp.replace(path)
     return path
 
 
-def train(cfg: TokenizerConfig, src_texts: Sequence[str], tgt_texts: Sequence[str], out_dir: str | Path, seed: int = 0) -> Tokenizer:
-    """Trains SentencePiece on the training split, writing the model(s) into out_dir."""
+def train(cfg: TokenizerConfig, src_texts: Sequence[str], tgt_texts: Sequence[str], out_dir: str | Path, seed: int = 0,
+          should_stop=None) -> Tokenizer:
+    """Trains SentencePiece on the training split, writing the model(s) into out_dir. With
+    should_stop (a callable), a large sample trains in a child process that it can end."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.joint:
-        path = _train_one(list(src_texts) + list(tgt_texts), out_dir / JOINT_FILE, cfg, seed)
+        path = _train_one(list(src_texts) + list(tgt_texts), out_dir / JOINT_FILE, cfg, seed, should_stop)
         return load_paths([path])
-    src = _train_one(src_texts, out_dir / SRC_FILE, cfg, seed)
-    tgt = _train_one(tgt_texts, out_dir / TGT_FILE, cfg, seed)
+    src = _train_one(src_texts, out_dir / SRC_FILE, cfg, seed, should_stop)
+    tgt = _train_one(tgt_texts, out_dir / TGT_FILE, cfg, seed, should_stop)
     return load_paths([src, tgt])
 
 
@@ -208,7 +259,8 @@ def data_cache_key(cfg: TokenizerConfig, data_fingerprint: str, seed: int) -> st
 
 
 def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: int = 0,
-                  cache_dir: str | Path | None = None, data_fingerprint: str | None = None) -> Tokenizer:
+                  cache_dir: str | Path | None = None, data_fingerprint: str | None = None,
+                  should_stop=None) -> Tokenizer:
     """The run's own tokenizer if present, else cfg.model_paths, else one from `cache_dir` trained
     earlier on the same text (or the same corpus fingerprint) and settings, else one trained now
     (and stored in `cache_dir` under both names).
@@ -233,7 +285,7 @@ def load_or_train(cfg: TokenizerConfig, run_dir: str | Path, train_pairs, seed: 
             entry = Path(cache_dir) / cache_key(cfg, src, tgt, seed) if cache_dir else None
             tok = _from_cache(entry, names, run_dir) if entry is not None else None
             if tok is None:
-                tok = train(cfg, src, tgt, run_dir, seed)
+                tok = train(cfg, src, tgt, run_dir, seed, should_stop)
                 if entry is not None:
                     _store(run_dir, entry, names)
             if by_data is not None:

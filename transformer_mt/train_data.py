@@ -52,7 +52,7 @@ def load_tokenizer(cfg: Config, workdir: Path, init_from: str | None, resume: bo
     def load():
         return tok_lib.load_or_train(tcfg, workdir, lambda: corpus.sample_pairs(cfg.data, sample, cfg.train.seed,
                                                                               should_stop),
-                                     cfg.train.seed, compile_cache.tokenizer_dir(), fingerprint)
+                                     cfg.train.seed, compile_cache.tokenizer_dir(), fingerprint, should_stop)
 
     is_main = jax.process_index() == 0
     if init_from and is_main and not (resume and complete_steps(rundir.checkpoints_dir(workdir))):
