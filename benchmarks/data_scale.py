@@ -11,6 +11,11 @@ pairs joined, ~26 words a side, like WMT14's average; never committed), then for
   - pipeline alone: batches/s and real target tokens/s of TrainStream (one thread, no model)
   - RSS of the process holding the store and a plan, above its baseline, per pair
 Each measurement runs in its own child process, so peak RSS figures are that phase's alone.
+
+With --cli, also runs `transformer-mt train` itself as a user would (Transformer-base sizes, 3
+steps) on each corpus and on Multi30k: a first launch (tokenizer training, store build) and a
+second one in a new run directory (tokenizer and store from the caches, compile cache filled),
+printing seconds from launch to the first step and the peak RSS of each.
 """
 
 from __future__ import annotations
@@ -99,6 +104,29 @@ def child(phase: str, spec: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+BASE = ["model.d_model=512", "model.num_heads=8", "model.num_encoder_layers=6", "model.num_decoder_layers=6",
+        "model.ffn_dim=2048", "model.dropout=0.1", "data.batch_tokens=4096", "train.grad_accum=1",
+        "train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.bleu_every=0",
+        "train.checkpoint_every=0", "train.warmup_steps=100", "train.learning_rate=7e-4"]
+
+
+def cli_launch(workdir: Path, overrides: list[str], config: str) -> tuple[float, float]:
+    """(seconds from launch to the end of step 1, peak RSS MiB) of one `transformer-mt train`."""
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    sets = [a for o in BASE + overrides for a in ("--set", o)]
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "transformer_mt.cli", "train", "--config", config, *sets,
+                             "--workdir", str(workdir), "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(workdir.with_suffix(".log"), "w"))
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+    if status:
+        sys.exit(f"train failed: see {workdir.with_suffix('.log')}")
+    first = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+    return first["time"] - start, usage.ru_maxrss / 1024
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[450_000, 4_500_000])
@@ -106,6 +134,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "multi30k_en_de.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides (key=value)")
     p.add_argument("--seconds", type=float, default=10.0, help="pipeline timing per size")
+    p.add_argument("--cli", action="store_true", help="also time `transformer-mt train` launches (base sizes)")
     args = p.parse_args()
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +164,16 @@ def main() -> None:
         print(f"  pipeline alone: {used['batches_per_s']:,.0f} batches/s, {used['tokens_per_s']:,.0f} real target tokens/s; "
               f"RSS {used['rss_above_base_mb']:,.0f} MiB above start ({used['rss_above_base_mb'] * 2**20 / used['pairs']:.1f} B/pair), "
               f"peak {used['peak_rss_mb']:,.0f} MiB", flush=True)
+        if args.cli:
+            sets = [f"data.train_files=[{files[0]}, {files[1]}]", "data.max_train_examples=0"]
+            first = cli_launch(out / "run1", sets, args.config)
+            second = cli_launch(out / "run2", sets, args.config)
+            print(f"  transformer-mt train (base sizes): first launch {first[0]:.0f} s to step 1 (peak RSS "
+                  f"{first[1]:,.0f} MiB), second launch {second[0]:.1f} s (peak RSS {second[1]:,.0f} MiB)", flush=True)
+    if args.cli:
+        m30k = cli_launch(out / "run_m30k", [], args.config)
+        print(f"Multi30k, same model: {m30k[0]:.1f} s to step 1, peak RSS {m30k[1]:,.0f} MiB "
+              flush=True)
 
 
 if __name__ == "__main__":

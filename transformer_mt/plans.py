@@ -155,21 +155,25 @@ def packed_plan(src_need: np.ndarray, tgt_need: np.ndarray, pack_lengths: Sequen
     each side of a row (source with EOS, target with BOS or EOS)."""
     rng = np.random.default_rng([seed, epoch])
     n, top = len(src_need), int(pack_lengths[-1])
-    s, t = np.asarray(src_need, np.int64), np.asarray(tgt_need, np.int64)
+    s, t = np.asarray(src_need, np.int32), np.asarray(tgt_need, np.int32)
     if n and max(int(s.max()), int(t.max())) > top:
         i = int(np.argmax(np.maximum(s, t) > top))
         raise ValueError(f"pair {i} ({int(s[i])}/{int(t[i])} tokens) does not fit a row of {top}")
-    key = s * (top + 1) + t
-    order = rng.permutation(n) if shuffle else np.arange(n)
+    # A class key per pair; 16 bits when it fits, where numpy's stable sort is a linear radix sort.
+    key = (s * (top + 1) + t).astype(np.uint16 if (top + 1) ** 2 <= 1 << 16 else np.int32)
+    del s, t
+    order = (rng.permutation(n) if shuffle else np.arange(n)).astype(np.int32)
     queue = order[np.argsort(key[order], kind="stable")]  # pairs grouped by class, shuffled within
+    del order
     count = np.bincount(key, minlength=(top + 1) ** 2)
+    del key
     start = np.cumsum(count) - count
     taken = np.zeros_like(count)
     classes = np.flatnonzero(count)
     cs, ct = classes // (top + 1), classes % (top + 1)
     need = np.maximum(cs, ct)
     classes = classes[np.lexsort((-(cs + ct), -need))]  # longest first, then the most tokens
-    pair_row = np.empty(n, np.int64)
+    pair_row = np.empty(n, np.int32)
     row_length: list[np.ndarray] = []
     next_row = 0
 
@@ -208,10 +212,10 @@ def packed_plan(src_need: np.ndarray, tgt_need: np.ndarray, pack_lengths: Sequen
     # Number the rows grouped by length (as pack_lengths lists them), shuffled within a length.
     groups = [np.flatnonzero(row_len == length) for length in pack_lengths]
     final = np.concatenate([rng.permutation(g) if shuffle else g for g in groups])
-    renumber = np.empty(len(final), np.int64)
+    renumber = np.empty(len(final), np.int32)
     renumber[final] = np.arange(len(final))
     pair_row = renumber[pair_row]
-    row_pairs = np.argsort(pair_row, kind="stable")
+    row_pairs = np.argsort(pair_row, kind="stable").astype(np.int32)
     row_ptr = np.concatenate([[0], np.cumsum(np.bincount(pair_row, minlength=len(final)))]).astype(np.int64)
     return _finish(row_pairs, row_ptr, row_len[final], list(pack_lengths), batch_tokens, row_multiple, rng, shuffle)
 
