@@ -172,8 +172,7 @@ def main() -> None:
                   f"{first[1]:,.0f} MiB), second launch {second[0]:.1f} s (peak RSS {second[1]:,.0f} MiB)", flush=True)
     if args.cli:
         m30k = cli_launch(out / "run_m30k", [], args.config)
-        print(f"Multi30k, same model: {m30k[0]:.1f} s to step 1, peak RSS {m30k[1]:,.0f} MiB "
-              flush=True)
+        print(f"Multi30k, same model: {m30k[0]:.1f} s to step 1, peak RSS {m30k[1]:,.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
