@@ -57,7 +57,7 @@ def test_store_equals_direct_tokenization(tok, tmp_path, workers):
         store_lib.CHUNK_PAIRS = monkey
     direct = data_lib.tokenize_pairs(tok, src, tgt, 24)
     assert 500 < len(pairs) < 3000 and same_pairs(pairs, direct)
-    assert isinstance(pairs.src_tokens, np.memmap) and pairs.src_tokens.dtype == np.uint16
+    assert isinstance(pairs.readers["src"], data_lib.FileSide) and pairs.readers["src"].dtype == np.uint16
     meta = json.loads((directory / store_lib.META).read_text())
     assert meta["read"] == 3000 and meta["dropped"]["too_long"] == 3000 - len(direct)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,45 +141,84 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- tokenized pairs
 
 
-class _Side:
-    """One side's sequences as a read-only list of int32 arrays (views into the flat tokens)."""
+class ArraySide:
+    """One side's pairs as a flat token array and per-pair offsets, in memory."""
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
         self.tokens, self.offsets = tokens, offsets
 
+    def gather(self, pairs: np.ndarray, n: np.ndarray) -> np.ndarray:
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        return np.asarray(self.tokens[np.repeat(self.offsets[pairs], n) + within], np.int32)
+
+
+class FileSide:
+    """One side's pairs read from a token store's files with positioned reads, a few per pair.
+
+    Not a memory map: random pairs from a map fault in whole neighbourhoods of pages (64 KiB
+    each here), so the map's resident share grows to the whole corpus within an epoch's first
+    hundred batches; reads keep this process's memory flat whatever the corpus size.
+    """
+
+    def __init__(self, ids_path: Path, offsets_path: Path, dtype: str):
+        self.dtype = np.dtype(dtype)
+        self.ids = os.open(ids_path, os.O_RDONLY)
+        self.offsets = os.open(offsets_path, os.O_RDONLY)
+
+    def gather(self, pairs: np.ndarray, n: np.ndarray) -> np.ndarray:
+        size = self.dtype.itemsize
+        starts = [int.from_bytes(os.pread(self.offsets, 8, 8 * int(i)), "little") for i in pairs]
+        data = b"".join(os.pread(self.ids, int(k) * size, start * size) for start, k in zip(starts, n))
+        return np.frombuffer(data, self.dtype).astype(np.int32)
+
+    def __del__(self):
+        for fd in (getattr(self, "ids", None), getattr(self, "offsets", None)):
+            if fd is not None:
+                os.close(fd)
+
+
+class _Sequences:
+    """One side as a read-only list of int32 arrays (for tests and tools; batches use gather)."""
+
+    def __init__(self, examples: "Examples", side: str):
+        self.examples, self.side = examples, side
+
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.examples)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]], np.int32)
+        return self.examples.gather(self.side, np.array([i]))[0]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
 
 class Examples:
-    """Tokenized pairs as two flat token arrays with per-pair offsets and lengths: in memory, or
-    memory-mapped from a token store (store.py), so a corpus of any size costs a few bytes a pair
-    of RAM. Source ids end with EOS; target ids carry neither BOS nor EOS."""
+    """Tokenized pairs: each side's per-pair lengths in RAM (2-8 bytes a pair) and its tokens in
+    memory (small data) or in a token store's files (store.py), read batch by batch, so a corpus
+    of any size costs a few bytes a pair. Source ids end with EOS; target ids carry neither BOS
+    nor EOS."""
 
     def __init__(self, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]):
         """From per-pair id lists (small data: validation, scoring, tests)."""
-        src_len = np.fromiter((len(x) for x in src), np.int64, count=len(src))
-        tgt_len = np.fromiter((len(x) for x in tgt), np.int64, count=len(tgt))
-        flat = lambda seqs, n: np.fromiter(itertools.chain.from_iterable(seqs), np.int32, count=int(n))  # noqa: E731
-        self._set(flat(src, src_len.sum()), _offsets(src_len), src_len, flat(tgt, tgt_len.sum()), _offsets(tgt_len),
-                  tgt_len)
+        sides = []
+        for seqs in (src, tgt):
+            n = np.fromiter((len(x) for x in seqs), np.int64, count=len(seqs))
+            flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int32, count=int(n.sum()))
+            sides.append((ArraySide(flat, np.concatenate([[0], np.cumsum(n)])), n))
+        self.__init_sides(*sides[0], *sides[1])
 
     @classmethod
-    def from_arrays(cls, src_tokens, src_offsets, src_len, tgt_tokens, tgt_offsets, tgt_len) -> "Examples":
+    def from_sides(cls, src, src_len: np.ndarray, tgt, tgt_len: np.ndarray) -> "Examples":
+        """From readers with a gather(pairs, lengths) method (ArraySide, FileSide) and lengths."""
         self = cls.__new__(cls)
-        self._set(src_tokens, src_offsets, src_len, tgt_tokens, tgt_offsets, tgt_len)
+        self.__init_sides(src, src_len, tgt, tgt_len)
         return self
 
-    def _set(self, src_tokens, src_offsets, src_len, tgt_tokens, tgt_offsets, tgt_len) -> None:
-        self.src_tokens, self.src_offsets, self.src_len = src_tokens, src_offsets, src_len
-        self.tgt_tokens, self.tgt_offsets, self.tgt_len = tgt_tokens, tgt_offsets, tgt_len
-        self.src, self.tgt = _Side(src_tokens, src_offsets), _Side(tgt_tokens, tgt_offsets)
+    def __init_sides(self, src, src_len, tgt, tgt_len) -> None:
+        self.readers = {"src": src, "tgt": tgt}
+        self.src_len, self.tgt_len = src_len, tgt_len
+        self.src, self.tgt = _Sequences(self, "src"), _Sequences(self, "tgt")
 
     def __len__(self) -> int:
         return len(self.src_len)
@@ -193,25 +231,10 @@ class Examples:
         """Tokens each pair takes in a row: (source with EOS, target with BOS / EOS)."""
         return self.src_len.astype(np.int32), self.tgt_len.astype(np.int32) + 1
 
-    def release_pages(self) -> None:
-        """Drops the memory-mapped pages read so far from this process's resident set (they stay
-        in the OS page cache), so RSS stays flat over an epoch of a corpus larger than RAM."""
-        for array in (self.src_tokens, self.tgt_tokens, self.src_offsets, self.tgt_offsets):
-            if isinstance(array, np.memmap) and hasattr(mmap, "MADV_DONTNEED"):
-                array._mmap.madvise(mmap.MADV_DONTNEED)
-
     def gather(self, side: str, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The tokens of `pairs` one after another (int32), and each pair's length. Touches only
-        those pairs' bytes of a memory-mapped store."""
-        tokens, offsets, lengths = ((self.src_tokens, self.src_offsets, self.src_len) if side == "src"
-                                    else (self.tgt_tokens, self.tgt_offsets, self.tgt_len))
-        n = lengths[pairs].astype(np.int64)
-        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        return np.asarray(tokens[np.repeat(offsets[pairs], n) + within], np.int32), n
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        """The tokens of `pairs` one after another (int32), and each pair's length."""
+        n = (self.src_len if side == "src" else self.tgt_len)[pairs].astype(np.int64)
+        return self.readers[side].gather(np.asarray(pairs, np.int64), n), n
 
 
 def keep_mask(src_len: np.ndarray, tgt_len: np.ndarray, max_len: int | None) -> np.ndarray:
@@ -334,7 +357,15 @@ def local_batch(examples: Examples, cfg: DataConfig, plan: plans.Plan, b: int, p
     return build_batch(examples, pairs, row_of_pair, rows, int(plan.batch_length[b]), bool(cfg.pack_lengths))
 
 
-RELEASE_EVERY = 256  # batches between two Examples.release_pages()
+def _return_freed_memory() -> None:
+    """Hands the heap that planning freed back to the OS (glibc keeps it otherwise: ~40 bytes a
+    pair of a plan's temporaries would stay resident for the whole run)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class TrainStream:
@@ -357,8 +388,10 @@ class TrainStream:
 
     def plan(self, epoch: int) -> plans.Plan:
         if epoch != self._plan_epoch:
+            self._plan = None
             self._plan = plan_epoch(self.examples, self.cfg, self.row_multiple, self.seed, epoch)
             self._plan_epoch = epoch
+            _return_freed_memory()
         return self._plan
 
     @property
@@ -378,8 +411,6 @@ class TrainStream:
             plan = self.plan(self.epoch)
         b = self.index
         self.index += 1
-        if self.index % RELEASE_EVERY == 0:
-            self.examples.release_pages()
         return local_batch(self.examples, self.cfg, plan, b, self.process_index, self.process_count)
 
 

@@ -1,6 +1,6 @@
 """Training batches assembled on a background thread, ahead of the step that needs them.
 
-Building a batch (gathering a few hundred pairs from the memory-mapped store, planning the next
+Building a batch (reading a few hundred pairs from the token store, planning the next
 epoch) runs while the device computes the current step, so the step waits on the host only when
 the queue runs dry. Each batch travels with the stream position after it, so a checkpoint
 records the position of the batches actually trained on, not of those merely prefetched.

@@ -1,4 +1,4 @@
-"""The token store: a training corpus tokenized once, read through memory maps ever after.
+"""The token store: a training corpus tokenized once, read pair by pair ever after.
 
 A store is a directory of flat arrays: each side's token ids (uint16 when the vocabulary fits,
 else uint32) one pair after another, each pair's offset (int64) and length, and meta.json. It is
@@ -9,10 +9,11 @@ decides its contents: the corpus fingerprint (corpus.py), the tokenizer model's 
 filter (max_len) and the format version; every run on the same data and tokenizer shares it.
 
 Why not Hugging Face `datasets` (Arrow, memory-mapped, fingerprinted)? Its `map` would give the
-same memory map, but holds each batch as Python lists through Arrow conversion and writes a
-cache per dataset fingerprint that must be recomputed by reading the corpus; the flat arrays here
-are what the batcher gathers from with one numpy index, and cost 4 bytes a pair of RAM
-(benchmarks/RESULTS.md, "Token store").
+same kind of file, but holds each batch as Python lists through Arrow conversion and keys its
+cache by a fingerprint of the transforms rather than of the corpus and tokenizer bytes; the flat
+files here are what the batcher reads a batch's pairs from, and cost 4 bytes a pair of RAM
+(benchmarks/RESULTS.md, "Token store"). Training reads them with positioned reads, not a memory
+map: see data.FileSide.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 
 from transformer_mt import corpus
 from transformer_mt.config import ConfigError, DataConfig
-from transformer_mt.data import Examples, keep_mask
+from transformer_mt.data import Examples, FileSide, keep_mask
 
 FORMAT_VERSION = 1
 CHUNK_PAIRS = 1 << 15
@@ -265,24 +266,26 @@ def build(cfg: DataConfig, tok, directory: Path, workers: int | None = None, pro
 
 
 def load(directory: Path) -> Examples:
-    """The store's pairs, memory-mapped (lengths read into RAM: 2-4 bytes a pair a side)."""
+    """The store's pairs: lengths read into RAM (2-4 bytes a pair a side), tokens read from the
+    files batch by batch (data.FileSide)."""
     meta = json.loads((directory / META).read_text())
     if meta.get("version") != FORMAT_VERSION:
         raise ConfigError(f"token store {directory} has format {meta.get('version')}, expected {FORMAT_VERSION}")
     n = meta["pairs"]
 
-    def arr(name, dtype, count):
+    def check(name, dtype, count):
         path = directory / name
         if path.stat().st_size != count * np.dtype(dtype).itemsize:
             raise ConfigError(f"token store {directory}: {name} is damaged (wrong size); delete the directory")
-        return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+        return path
 
-    sides = {}
+    sides = []
     for side in ("src", "tgt"):
-        sides[side] = (arr(f"{side}.ids", meta["dtype"], meta["tokens"][side]),
-                       arr(f"{side}.off", np.int64, n + 1),
-                       np.array(arr(f"{side}.len", meta["len_dtype"], n)))
-    return Examples.from_arrays(*sides["src"], *sides["tgt"])
+        ids = check(f"{side}.ids", meta["dtype"], meta["tokens"][side])
+        offsets = check(f"{side}.off", np.int64, n + 1)
+        lengths = np.fromfile(check(f"{side}.len", meta["len_dtype"], n), meta["len_dtype"])
+        sides += [FileSide(ids, offsets, meta["dtype"]), lengths]
+    return Examples.from_sides(*sides)
 
 
 def open_or_build(cfg: DataConfig, tok, progress: bool = True, should_stop: Callable[[], bool] = lambda: False,

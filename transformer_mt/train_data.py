@@ -2,8 +2,8 @@
 
 Every process of a multi-process run agrees on the tokenizer and on each epoch's plan without
 exchanging data: process 0 trains (or copies) the tokenizer into the shared run directory and
-builds the token store while the others wait; then each process memory-maps the store and
-gathers only its own rows of every batch.
+builds the token store while the others wait; then each process opens the store and reads
+only the pairs of its own rows of every batch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ DEFAULT_TOKENIZER_SAMPLE = 1_000_000  # pairs read for tokenizer training when i
 @dataclass
 class RunData:
     tok: tok_lib.Tokenizer
-    train: data_lib.Examples  # memory-mapped from the store
+    train: data_lib.Examples  # read from the token store
     store: Path
     valid_src: list[str]
     valid_tgt: list[str]

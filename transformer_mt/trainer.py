@@ -2,7 +2,7 @@
 
 The step functions themselves are pure (train_step.py); here they are jit-compiled once per
 process (see compiled_steps) with explicit shardings and donated state. Batches come from a
-background thread (prefetch.py) over the memory-mapped token store (train_data.py).
+background thread (prefetch.py) over the token store (train_data.py).
 """
 
 from __future__ import annotations
