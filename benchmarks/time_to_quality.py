@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from transformer_mt import corpus
 from transformer_mt import compile_cache
 from transformer_mt import data as data_lib
 from transformer_mt import rundir
@@ -61,7 +62,7 @@ def main() -> None:
         cfg, graphdef, params, tok, _, mesh = rundir.load_run(source, step=step)
         if translator is None:
             translator = Translator(cfg, graphdef, tok, mesh)  # one set of compiled programs for all
-            src, ref = data_lib.load_split(cfg.data, "test")
+            src, ref = corpus.load_split(cfg.data, "test")
         beam = args.beam or cfg.decode.beam_size
         alpha = cfg.decode.alpha if args.alpha is None else args.alpha
         scores = corpus_scores(translator.translate(params, src, beam_size=beam, alpha=alpha), ref)

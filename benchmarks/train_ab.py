@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from transformer_mt import corpus
 from transformer_mt import compile_cache, sharding
 from transformer_mt import config as config_lib
 from transformer_mt import data as data_lib
@@ -40,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     compile_cache.enable()
     base = config_lib.load(args.config, [])
-    src, tgt = data_lib.load_split(base.data, "train")
+    src, tgt = corpus.load_split(base.data, "train")
     tok = tok_lib.load_or_train(base.tokenizer, args.cache_dir, lambda: (src, tgt))
     mesh = sharding.make_mesh()
     runs = {}

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_util import CompileCounter, matmul_gflops, peak_rss_mib
 
+from transformer_mt import corpus
 from transformer_mt import compile_cache
 from transformer_mt import config as config_lib
 from transformer_mt import data as data_lib
@@ -40,7 +41,7 @@ def peer_batches(path: str, cfg: config_lib.Config, tok, row_multiple: int) -> l
         spec = json.loads(open(path, encoding="utf-8").read())["batches"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {path}: not a hf_bench.py --dump-batches file ({e})")
-    src, tgt = data_lib.load_split(dataclasses.replace(cfg.data, max_train_examples=0), "train")
+    src, tgt = corpus.load_split(dataclasses.replace(cfg.data, max_train_examples=0), "train")
     out = []
     for indices in spec:
         ex = data_lib.tokenize_pairs(tok, [src[i] for i in indices], [tgt[i] for i in indices], None)
@@ -66,7 +67,7 @@ def main() -> None:
     compile_cache.enable()  # a repeated run (A/B/A/B comparisons) skips most of the warm-up
     pairs = [f"data.max_train_examples={args.pairs}"] if args.pairs else []
     cfg = config_lib.load(args.config, args.overrides + pairs)
-    src, tgt = data_lib.load_split(cfg.data, "train")
+    src, tgt = corpus.load_split(cfg.data, "train")
     tok = tok_lib.load_or_train(cfg.tokenizer, args.workdir, lambda: (src, tgt))
     mesh = sharding.make_mesh()
     examples = data_lib.tokenize_pairs(tok, src, tgt, cfg.data.max_len)

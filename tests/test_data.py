@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
+from transformer_mt import corpus
 from transformer_mt import data as data_lib
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt.config import ConfigError, TokenizerConfig
@@ -30,7 +31,7 @@ def test_vendored_multi30k_line_counts():
 
 
 def test_local_parallel_text_gz_matches_raw_lines():
-    src, tgt = data_lib.read_local([str(MULTI30K / "val.en.gz"), str(MULTI30K / "val.de.gz")], "en", "de")
+    src, tgt = corpus.read_local([str(MULTI30K / "val.en.gz"), str(MULTI30K / "val.de.gz")], "en", "de")
     assert src == read_gz("val.en.gz") and tgt == read_gz("val.de.gz")
 
 
@@ -39,32 +40,32 @@ def test_parallel_files_with_different_lengths_name_both(tmp_path):
     a.write_text("one\ntwo\nthree\n")
     b.write_text("eins\nzwei\n")
     with pytest.raises(ConfigError, match=r"a\.en has 3 lines, .*b\.de has 2"):
-        data_lib.read_local([str(a), str(b)], "en", "de")
+        corpus.read_local([str(a), str(b)], "en", "de")
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="data file not found: .*nope.en"):
-        data_lib.read_local([str(tmp_path / "nope.en"), str(tmp_path / "nope.de")], "en", "de")
+        corpus.read_local([str(tmp_path / "nope.en"), str(tmp_path / "nope.de")], "en", "de")
 
 
 def test_tsv_jsonl_and_hub_style_records(tmp_path):
     src, tgt = ["a dog runs .", "", "two \"quoted\" cats"], ["ein Hund läuft .", "leer", "zwei Katzen"]
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("".join(f"{s}\t{t}\n" for s, t in zip(src, tgt)), encoding="utf-8")
-    assert data_lib.read_local([str(tsv)], "en", "de") == (src, tgt)
+    assert corpus.read_local([str(tsv)], "en", "de") == (src, tgt)
     jsonl = tmp_path / "pairs.jsonl"
-    data_lib.write_jsonl_pairs(jsonl, src, tgt, "en", "de")
-    assert data_lib.read_local([str(jsonl)], "en", "de") == (src, tgt)
+    corpus.write_jsonl_pairs(jsonl, src, tgt, "en", "de")
+    assert corpus.read_local([str(jsonl)], "en", "de") == (src, tgt)
     flat = tmp_path / "flat.jsonl"
     flat.write_text("".join(json.dumps({"en": s, "de": t}) + "\n" for s, t in zip(src, tgt)))
-    assert data_lib.read_local([str(flat)], "en", "de") == (src, tgt)
+    assert corpus.read_local([str(flat)], "en", "de") == (src, tgt)
     # The hub path, on a local dataset directory laid out like a hub repository.
     repo = tmp_path / "hub_like"
     repo.mkdir()
-    data_lib.write_jsonl_pairs(repo / "train.jsonl", src, tgt, "en", "de")
-    assert data_lib.read_hub(str(repo), "", "train", "en", "de") == (src, tgt)
+    corpus.write_jsonl_pairs(repo / "train.jsonl", src, tgt, "en", "de")
+    assert corpus.read_hub(str(repo), "", "train", "en", "de") == (src, tgt)
     with pytest.raises(ConfigError, match="lack languages 'en'/'fr'"):
-        data_lib.read_hub(str(repo), "", "train", "en", "fr")
+        corpus.read_hub(str(repo), "", "train", "en", "fr")
 
 
 @pytest.fixture(scope="module")
@@ -235,5 +236,5 @@ def test_parallel_text_splits_on_newline_only(tmp_path):
     a, b = tmp_path / "a.en", tmp_path / "b.de"
     a.write_bytes("one\rstill one\ntwo\u2028too\r\nthree\x0c\n".encode())
     b.write_bytes(b"eins\nzwei\ndrei\n")
-    src, tgt = data_lib.read_local([str(a), str(b)], "en", "de")
+    src, tgt = corpus.read_local([str(a), str(b)], "en", "de")
     assert src == ["one\rstill one", "two\u2028too", "three\x0c"] and tgt == ["eins", "zwei", "drei"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST, TINY, cli_here, tiny_config
+from transformer_mt import corpus
 from transformer_mt import data as data_lib
 from transformer_mt import rundir
 from transformer_mt import train_step as ts
@@ -102,7 +103,7 @@ def test_init_from_starts_at_the_source_parameters(trained_run, tmp_path):
     assert (run / "spm.model").read_bytes() == (trained_run / "spm.model").read_bytes()
 
     _, graphdef, params, tok, step, _ = rundir.load_run(trained_run, 400)
-    examples = data_lib.tokenize_pairs(tok, *data_lib.load_split(cfg.data, "train"), cfg.data.max_len)
+    examples = data_lib.tokenize_pairs(tok, *corpus.load_split(cfg.data, "train"), cfg.data.max_len)
     batch = next(data_lib.TrainStream(examples, cfg.data, cfg.train.seed))
     state = {"params": params, "step": jnp.int32(0), "rng": jax.random.key_data(jax.random.key(cfg.train.seed))}
     grads = jax.jit(ts.bind(ts.micro_grads, graphdef=graphdef, smoothing=cfg.train.label_smoothing))

@@ -151,7 +151,7 @@ def test_tsv_and_jsonl_stores_equal_parallel_text(tok, tmp_path):
     tsv = tmp_path / "p.tsv"
     tsv.write_text("".join(f"{s}\t{t}\n" for s, t in zip(src, tgt)), encoding="utf-8")
     jsonl = tmp_path / "p.jsonl"
-    data_lib.write_jsonl_pairs(jsonl, src, tgt, "en", "de")
+    corpus.write_jsonl_pairs(jsonl, src, tgt, "en", "de")
     for f in (tsv, jsonl):
         cfg = DataConfig(train_files=(str(f),), max_len=40, store_dir=str(tmp_path / "s"))
         assert same_pairs(store_lib.open_or_build(cfg, tok, progress=False)[0], want)
@@ -174,7 +174,7 @@ def test_hub_layout_dataset_directory_streams_into_the_store(tok, tmp_path):
     cfg = DataConfig(dataset=str(tmp_path / "hub"), train_split="train", max_len=32, store_dir=str(tmp_path / "s"))
     pairs, _ = store_lib.open_or_build(cfg, tok, progress=False)
     assert same_pairs(pairs, data_lib.tokenize_pairs(tok, src, tgt, 32))
-    assert data_lib.read_hub(str(tmp_path / "hub"), "", "train", "en", "de") == (src, tgt)
+    assert corpus.read_hub(str(tmp_path / "hub"), "", "train", "en", "de") == (src, tgt)
     sample = corpus.sample_pairs(cfg, 100, seed=0)
     assert len(sample[0]) == 100 and set(zip(*sample)) <= set(zip(src, tgt))
     with pytest.raises(ConfigError, match="lack languages 'en'/'fr'"):

@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Sequence
 
 from transformer_mt.config import ConfigError, DataConfig
 
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
 READ_HINT = 1 << 20  # bytes per readlines() call
 
 
@@ -175,14 +177,65 @@ def _hub_chunks(cfg: DataConfig, split: str, size: int, limit: int, should_stop:
         first += len(src)
 
 
+def split_chunks(cfg: DataConfig, split: str = "train", size: int = 1 << 16,
+                 progress: Callable[[int], None] | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+    """Split 'train', 'valid' or 'test' as chunks of about `size` pairs; the training split
+    honours data.max_train_examples. Nothing when the split has no source."""
+    files = {"train": cfg.train_files, "valid": cfg.valid_files, "test": cfg.test_files}[split]
+    limit = cfg.max_train_examples if split == "train" else 0
+    if files:
+        return _local_chunks(files, size, limit, progress, should_stop)
+    if cfg.dataset:
+        hub_split = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}[split]
+        return _hub_chunks(cfg, hub_split, size, limit, should_stop)
+    if split == "train":
+        raise ConfigError("no training data: set data.train_files or data.dataset")
+    return iter(())
+
+
 def train_chunks(cfg: DataConfig, size: int = 1 << 16, progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
-    """The training split as chunks of about `size` pairs, honouring data.max_train_examples."""
-    if cfg.train_files:
-        return _local_chunks(cfg.train_files, size, cfg.max_train_examples, progress, should_stop)
-    if cfg.dataset:
-        return _hub_chunks(cfg, cfg.train_split, size, cfg.max_train_examples, should_stop)
-    raise ConfigError("no training data: set data.train_files or data.dataset")
+    return split_chunks(cfg, "train", size, progress, should_stop)
+
+
+def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
+    """A whole (small) split in memory: validation, test, or a small training set. Invalid UTF-8
+    is replaced by U+FFFD, with one warning naming the first lines."""
+    src: list[str] = []
+    tgt: list[str] = []
+    bad: list[int] = []
+    where = ""
+    for chunk in split_chunks(cfg, split):
+        s, t = parse_chunk(chunk, cfg.src_lang, cfg.tgt_lang, bad)
+        src += s
+        tgt += t
+        where = chunk.where
+    if bad:
+        from transformer_mt.textio import warn
+
+        warn(f"{where}: {len(bad)} line(s) with invalid UTF-8 replaced with U+FFFD (first at line "
+             f"{', '.join(map(str, bad[:5]))})")
+    return src, tgt
+
+
+def read_local(files: Sequence[str], src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
+    """Two files: parallel plain text; one file: .tsv or .jsonl (optionally .gz)."""
+    return load_split(DataConfig(train_files=tuple(files), src_lang=src_lang, tgt_lang=tgt_lang), "train")
+
+
+def read_hub(name: str, config_name: str, split: str, src_lang: str, tgt_lang: str, revision: str = ""
+             ) -> tuple[list[str], list[str]]:
+    """A split of a Hugging Face hub dataset (or a local directory in its layout), streamed."""
+    return load_split(DataConfig(dataset=name, dataset_config=config_name, dataset_revision=revision,
+                                 src_lang=src_lang, tgt_lang=tgt_lang, train_split=split), "train")
+
+
+def write_jsonl_pairs(path: str | Path, src: Sequence[str], tgt: Sequence[str], src_lang: str, tgt_lang: str) -> None:
+    """Writes hub-style translation records (used by tests and data preparation)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for s, t in zip(src, tgt):
+            f.write(json.dumps({"translation": {src_lang: s, tgt_lang: t}}, ensure_ascii=False) + "\n")
 
 
 def input_bytes(cfg: DataConfig) -> int | None:

@@ -1,4 +1,4 @@
-"""Parallel text -> token ids -> length-bucketed or packed, padded numpy batches.
+"""Token ids -> length-bucketed or packed, padded numpy batches (corpus.py reads the text).
 
 Every batch has one of a few fixed shapes, so jit compiles a bounded number of programs:
 bucketed, a batch is padded to its bucket length (rows, bucket_length); packed
@@ -9,7 +9,6 @@ ids. The batch order of an epoch is a pure function of (seed, epoch), so a data 
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
@@ -21,122 +20,7 @@ import numpy as np
 
 from transformer_mt import plans
 from transformer_mt.config import ConfigError, DataConfig
-from transformer_mt.textio import read_lines
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-
-# ----------------------------------------------------------------------------- reading text
-
-
-def _require_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data file not found: {path}")
-    return path
-
-
-def _load_local(kind: str, path: Path, **kwargs):
-    import datasets
-
-    try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # datasets raises many types; the user needs the file name
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot read {path}: {msg}") from None
-
-
-def _column(records, name: str) -> list:
-    """A whole column as Python objects, straight from Arrow (row-by-row access is ~500x slower)."""
-    return records.with_format("arrow")[name].to_pylist()
-
-
-def _read_text_pair(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
-    # Our own reader, not datasets' "text" builder: that one also ends lines at a bare '\r',
-    # which silently shifts one side of a parallel corpus against the other.
-    src, tgt = read_lines(str(src_path)), read_lines(str(tgt_path))
-    if len(src) != len(tgt):
-        raise ConfigError(f"parallel files differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
-    return src, tgt
-
-
-def _read_tsv(path: Path) -> tuple[list[str], list[str]]:
-    import datasets
-
-    features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
-    ds = _load_local(
-        "csv", path, delimiter="\t", column_names=["src", "tgt"], quoting=csv.QUOTE_NONE,
-        keep_default_na=False, na_filter=False, features=features,
-    )
-    return [s or "" for s in _column(ds, "src")], [t or "" for t in _column(ds, "tgt")]
-
-
-def _translation_columns(records, where: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
-    """Reads {"translation": {src: .., tgt: ..}} records (wmt14, iwslt2017) or flat {src:, tgt:} ones."""
-    names = records.column_names
-    if "translation" in names:
-        pairs = _column(records, "translation")
-        try:
-            return [p[src_lang] for p in pairs], [p[tgt_lang] for p in pairs]
-        except (KeyError, TypeError):
-            raise ConfigError(f"{where}: translation records lack languages '{src_lang}'/'{tgt_lang}'") from None
-    if src_lang in names and tgt_lang in names:
-        return _column(records, src_lang), _column(records, tgt_lang)
-    raise ConfigError(f"{where}: expected a 'translation' column or columns '{src_lang}' and '{tgt_lang}', found {names}")
-
-
-def _read_jsonl(path: Path, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
-    return _translation_columns(_load_local("json", path), str(path), src_lang, tgt_lang)
-
-
-def read_local(files: Sequence[str], src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
-    """Two files: parallel plain text; one file: .tsv or .jsonl (optionally .gz)."""
-    paths = [_require_file(f) for f in files]
-    if len(paths) == 2:
-        return _read_text_pair(*paths)
-    if len(paths) == 1:
-        name = paths[0].name.removesuffix(".gz")
-        if name.endswith(".tsv"):
-            return _read_tsv(paths[0])
-        if name.endswith((".jsonl", ".json")):
-            return _read_jsonl(paths[0], src_lang, tgt_lang)
-        raise ConfigError(f"{paths[0]}: a single data file must be .tsv or .jsonl; give two files for parallel text")
-    raise ConfigError(f"expected one (.tsv/.jsonl) or two (parallel text) data files, got {len(paths)}")
-
-
-def read_hub(name: str, config_name: str, split: str, src_lang: str, tgt_lang: str, revision: str = ""
-             ) -> tuple[list[str], list[str]]:
-    """A (small) split of a Hugging Face hub dataset (e.g. wmt14 de-en validation), streamed so that
-    asking for it never converts the dataset's other splits; needs the network, a local cache, or a
-    local dataset directory."""
-    from transformer_mt import corpus
-
-    cfg = DataConfig(dataset=name, dataset_config=config_name, dataset_revision=revision, src_lang=src_lang,
-                     tgt_lang=tgt_lang)
-    src: list[str] = []
-    tgt: list[str] = []
-    for batch in corpus.open_hub(cfg, split, streaming=True).iter(batch_size=1 << 12):
-        s, t = corpus.translation_columns(batch, f"{name}/{split}", src_lang, tgt_lang)
-        src += [x or "" for x in s]
-        tgt += [x or "" for x in t]
-    return src, tgt
-
-
-def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
-    """(source, target) sentences of split 'train', 'valid' or 'test'."""
-    files = {"train": cfg.train_files, "valid": cfg.valid_files, "test": cfg.test_files}[split]
-    if files:
-        src, tgt = read_local(files, cfg.src_lang, cfg.tgt_lang)
-    elif cfg.dataset:
-        hub_split = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}[split]
-        src, tgt = read_hub(cfg.dataset, cfg.dataset_config, hub_split, cfg.src_lang, cfg.tgt_lang, cfg.dataset_revision)
-    else:
-        return [], []
-    if split == "train" and cfg.max_train_examples:
-        src, tgt = src[: cfg.max_train_examples], tgt[: cfg.max_train_examples]
-    return src, tgt
-
 
 # ----------------------------------------------------------------------------- tokenized pairs
 
@@ -419,10 +303,3 @@ def eval_batches(examples: Examples, cfg: DataConfig, row_multiple: int = 1, pro
     """Every example once, sorted by length, in the training batches' shapes (validation loss)."""
     plan = plan_epoch(examples, cfg, row_multiple, 0, 0, shuffle=False)
     return [local_batch(examples, cfg, plan, b, process_index, process_count) for b in range(len(plan))]
-
-
-def write_jsonl_pairs(path: str | Path, src: Sequence[str], tgt: Sequence[str], src_lang: str, tgt_lang: str) -> None:
-    """Writes hub-style translation records (used by tests and data preparation)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for s, t in zip(src, tgt):
-            f.write(json.dumps({"translation": {src_lang: s, tgt_lang: t}}, ensure_ascii=False) + "\n")

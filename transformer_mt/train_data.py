@@ -76,7 +76,7 @@ def prepare(cfg: Config, workdir: Path, init_from: str | None, resume: bool, row
         _barrier("token store ready")
     # Other processes find process 0's store on a shared cache directory, else build their own copy.
     train, store = store_lib.open_or_build(dcfg, tok, progress and is_main, should_stop, data_fingerprint=fingerprint)
-    valid_src, valid_tgt = data_lib.load_split(dcfg, "valid")
+    valid_src, valid_tgt = corpus.load_split(dcfg, "valid")
     valid = data_lib.tokenize_pairs(tok, valid_src, valid_tgt, (dcfg.pack_lengths or dcfg.bucket_lengths)[-1])
     valid_batches = data_lib.eval_batches(valid, dcfg, rows_multiple, jax.process_index(),
                                           jax.process_count()) if len(valid) else []
