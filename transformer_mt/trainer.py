@@ -233,7 +233,7 @@ def set_up(cfg: Config, workdir: Path, resume: bool, init_from: str | None, prog
     run.batches = Prefetcher(stream, PREFETCH_DEPTH, prepare=functools.partial(sharding.put_batch, mesh))
     run.log = MetricsLog(workdir, run.is_main, purge_step=run.start_step + 1 if resume else None)
     if tcfg.bleu_every:
-        from transformer_mt.translate import Translator
+        from transformer_mt.search import Translator
 
         run.translator = Translator(cfg, graphdef, data.tok, mesh)
     if run.is_main:
