@@ -203,8 +203,8 @@ def build(cfg: DataConfig, tok, directory: Path, workers: int | None = None, pro
     size = corpus.input_bytes(cfg)
     if workers is None:
         workers = 2 if size is None or size > SMALL_INPUT else 0
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing corpus", disable=not progress,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=size, unit="B" if size else " pairs", unit_scale=True, desc="tokenizing corpus",
+               disable=not progress, dynamic_ncols=True, mininterval=1.0)
     pool = None
     t0 = time.time()
     try:
