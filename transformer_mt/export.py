@@ -27,7 +27,7 @@ from flax import nnx
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt.config import Config, ConfigError
 from transformer_mt.model import sinusoidal_positions
-from transformer_mt.rundir import load_run
+from transformer_mt.rundir import load_config, load_run
 
 FORMATS = ("ctranslate2",)
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16")
@@ -60,7 +60,7 @@ def check_exportable(cfg: Config) -> None:
 
 def position_table(d_model: int, rows: int = POSITIONS) -> np.ndarray:
     """[rows, d_model] float32: row p is what our model adds at position p (counted from 0)."""
-    return np.asarray(sinusoidal_positions(np.arange(rows), d_model), np.float32)
+    return np.array(sinusoidal_positions(np.arange(rows), d_model), np.float32)
 
 
 class _Params:
@@ -75,7 +75,7 @@ class _Params:
                 for key, value in node.items():
                     walk(f"{prefix}.{key}" if prefix else str(key), value)
             else:
-                flat[prefix] = np.asarray(node, np.float32)
+                flat[prefix] = np.array(node, np.float32)  # writable: quantization works in place
 
         walk("", nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
         self.flat, self.used = flat, set()
@@ -199,10 +199,10 @@ def tokenize_description(cfg: Config, tok: tok_lib.Tokenizer) -> dict:
         "never_output": [SPECIAL_PIECES[tok_lib.PAD_ID], SPECIAL_PIECES[tok_lib.BOS_ID]],
         "decode": {"beam_size": d.beam_size, "alpha": d.alpha, "max_len_a": d.max_len_a, "max_len_b": d.max_len_b,
                    "max_len_cap": d.max_len_cap},
-        "same_as_transformer_mt": "greedy: beam_size=1, min_decoding_length=0, max_decoding_length="
-                                  "min(max_len_cap, floor(max_len_a * (source pieces + 1) + max_len_b)) - 1, "
-                                  "suppress_sequences=[['<pad>'], ['<s>']]; beam: as greedy with beam_size=N and "
-                                  "length_penalty=0, against transformer-mt translate --alpha 0",
+        "same_as_transformer_mt": "min_decoding_length=0, max_decoding_length=min(max_len_cap, floor(max_len_a * "
+                                  "(source pieces + 1) + max_len_b)) - 1; greedy: beam_size=1, suppress_sequences="
+                                  "[['<pad>'], ['<s>']]; beam: beam_size=N, length_penalty=0, as transformer-mt "
+                                  "translate --alpha 0 (transformer_mt/export_check.py)",
     }
 
 
@@ -216,8 +216,8 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, la
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ConfigError(f"{out_dir} already exists: remove it or name another directory")
+    check_exportable(load_config(run_dir))  # before the checkpoint is read
     cfg, _, params, tok, step, _ = load_run(run_dir, step, last)
-    check_exportable(cfg)
     spec = build_spec(cfg, params, tok)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
