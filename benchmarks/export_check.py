@@ -44,7 +44,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="export-check-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg, graphdef, params, tok, step, _ = load_run(args.checkpoint)
-    src_file, ref_file = cfg.data.test_files
+    src_file, ref_file = (str(f) for f in cfg.data.test_files)
     lines = [tr.clean_line(x) for x in read_lines(src_file)]
     refs = [x.strip() for x in read_lines(ref_file)]
     pieces = [tok.src.encode(x, out_type=str) for x in lines]
@@ -64,7 +64,7 @@ def main() -> None:
         out = work / f"ours-{name}.de"
         cli("translate", "--checkpoint", args.checkpoint, "-i", src_file, "-o", str(out), "--beam", str(beam),
             "--alpha", str(a), "--no-progress")
-        outputs[f"ours/{name}"] = read_lines(out)
+        outputs[f"ours/{name}"] = read_lines(str(out))
         for quant, model in models.items():
             ct2 = ctranslate2.Translator(str(model), compute_type=quant, inter_threads=2, intra_threads=1)
             settings = tr.settings_from(cfg, beam_size=beam, alpha=a)

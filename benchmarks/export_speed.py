@@ -45,7 +45,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="export-speed-"))
     models = {q: export.export(args.checkpoint, work / q, quantization=q)[0] for q in ("float32", "int8")}
     cfg, graphdef, params, tok, step, mesh = tr.load_run(args.checkpoint)
-    lines = [tr.clean_line(x) for x in read_lines(cfg.data.test_files[0])[: args.sentences]]
+    lines = [tr.clean_line(x) for x in read_lines(str(cfg.data.test_files[0]))[: args.sentences]]
     ids = tok.encode_src(lines)
     pieces = [tok.src.encode(x, out_type=str) for x in lines]
     translator = tr.Translator(cfg, graphdef, tok, mesh)
