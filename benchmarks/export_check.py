@@ -24,9 +24,9 @@ import numpy as np
 import sacrebleu
 
 from transformer_mt import export_check
-from transformer_mt import translate as tr
 from transformer_mt.rundir import load_run
-from transformer_mt.textio import read_lines
+from transformer_mt.search import Translator, settings_from
+from transformer_mt.textio import clean_line, read_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cfg, graphdef, params, tok, step, _ = load_run(args.checkpoint)
     src_file, ref_file = (str(f) for f in cfg.data.test_files)
-    lines = [tr.clean_line(x) for x in read_lines(src_file)]
+    lines = [clean_line(x) for x in read_lines(src_file)]
     refs = [x.strip() for x in read_lines(ref_file)]
     pieces = [tok.src.encode(x, out_type=str) for x in lines]
     assert max(map(len, pieces)) < cfg.data.bucket_lengths[-1], "a line would be cut by our translate"
@@ -67,7 +67,7 @@ def main() -> None:
         outputs[f"ours/{name}"] = read_lines(str(out))
         for quant, model in models.items():
             ct2 = ctranslate2.Translator(str(model), compute_type=quant, inter_threads=2, intra_threads=1)
-            settings = tr.settings_from(cfg, beam_size=beam, alpha=a)
+            settings = settings_from(cfg, beam_size=beam, alpha=a)
             hyps = export_check.ct2_translate(ct2, pieces, settings, beam, length_penalty=length_penalty)
             outputs[f"ct2_{quant}/{name}"] = [tok.tgt.decode(h) for h in hyps]
 

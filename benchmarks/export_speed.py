@@ -27,9 +27,10 @@ from pathlib import Path
 import ctranslate2
 
 from transformer_mt import export
-from transformer_mt import translate as tr
+from transformer_mt.rundir import load_run
+from transformer_mt.search import Translator, settings_from
 from transformer_mt.sharding import split_cpu
-from transformer_mt.textio import read_lines
+from transformer_mt.textio import clean_line, read_lines
 
 
 def main() -> None:
@@ -44,11 +45,11 @@ def main() -> None:
     split_cpu(2)
     work = Path(tempfile.mkdtemp(prefix="export-speed-"))
     models = {q: export.export(args.checkpoint, work / q, quantization=q)[0] for q in ("float32", "int8")}
-    cfg, graphdef, params, tok, step, mesh = tr.load_run(args.checkpoint)
-    lines = [tr.clean_line(x) for x in read_lines(str(cfg.data.test_files[0]))[: args.sentences]]
+    cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint)
+    lines = [clean_line(x) for x in read_lines(str(cfg.data.test_files[0]))[: args.sentences]]
     ids = tok.encode_src(lines)
     pieces = [tok.src.encode(x, out_type=str) for x in lines]
-    translator = tr.Translator(cfg, graphdef, tok, mesh)
+    translator = Translator(cfg, graphdef, tok, mesh)
     ct2 = {q: ctranslate2.Translator(str(m), device="cpu", compute_type=q, inter_threads=2, intra_threads=1)
            for q, m in models.items()}
     report = {"checkpoint": args.checkpoint, "step": step, "d_model": cfg.model.d_model, "sentences": len(lines),
@@ -56,11 +57,11 @@ def main() -> None:
     for setting in args.settings.split(","):
         for beam in (int(b) for b in args.beams.split(",")):
             if setting == "free":
-                ours_settings = tr.settings_from(cfg, beam_size=beam, alpha=0.0)
+                ours_settings = settings_from(cfg, beam_size=beam, alpha=0.0)
                 kw = dict(max_decoding_length=cfg.decode.max_len_cap, min_decoding_length=0)
             else:
                 n = int(setting.removeprefix("fixed"))
-                ours_settings = tr.settings_from(cfg, beam_size=beam, alpha=0.0, max_len_a=0.0, max_len_b=n)
+                ours_settings = settings_from(cfg, beam_size=beam, alpha=0.0, max_len_a=0.0, max_len_b=n)
                 kw = dict(max_decoding_length=n, min_decoding_length=n)
             kw.update(beam_size=beam, length_penalty=0.0, max_batch_size=32)
 

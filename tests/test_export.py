@@ -23,9 +23,9 @@ from conftest import ROOT, cli_here, tiny_config
 ctranslate2 = pytest.importorskip("ctranslate2")
 
 from transformer_mt import export, export_check  # noqa: E402
-from transformer_mt import translate as tr  # noqa: E402
 from transformer_mt.rundir import load_run  # noqa: E402
-from transformer_mt.textio import read_lines  # noqa: E402
+from transformer_mt.search import Translator, settings_from  # noqa: E402
+from transformer_mt.textio import clean_line, read_lines  # noqa: E402
 
 LINES = 200  # test_2016 source lines compared
 
@@ -51,20 +51,20 @@ def compare(run, model_dir):
     log-probability difference) between our run and its CTranslate2 export, on LINES lines."""
     cfg, graphdef, params, tok, _, mesh = load_run(run)
     limit = cfg.data.bucket_lengths[-1] - 1  # our translate cuts longer sources (with a warning)
-    lines = [tr.clean_line(x) for x in read_lines(cfg.data.test_files[0])[:LINES]]
+    lines = [clean_line(x) for x in read_lines(cfg.data.test_files[0])[:LINES]]
     pieces = [tok.src.encode(x, out_type=str)[:limit] for x in lines]
     src_ids = [[tok.src.piece_to_id(p) for p in x] + [3] for x in pieces]
-    translator = tr.Translator(cfg, graphdef, tok, mesh)
+    translator = Translator(cfg, graphdef, tok, mesh)
     ct2 = ctranslate2.Translator(str(model_dir), device="cpu", compute_type="float32", intra_threads=1)
     differ = {}
     for beam in (1, 4):
-        settings = tr.settings_from(cfg, beam_size=beam, alpha=0.0)
+        settings = settings_from(cfg, beam_size=beam, alpha=0.0)
         ours = [[tok.tgt.id_to_piece(i) for i in h[0][0]] for h in translator.translate_ids(params, src_ids, settings)]
         theirs = export_check.ct2_translate(ct2, pieces, settings, beam)
         differ[beam] = [i for i in range(len(lines)) if ours[i] != theirs[i]]
         if beam == 1:
             greedy = ours
-    references = [tok.tgt.encode(tr.clean_line(x), out_type=str) for x in read_lines(cfg.data.test_files[1])[:LINES]]
+    references = [tok.tgt.encode(clean_line(x), out_type=str) for x in read_lines(cfg.data.test_files[1])[:LINES]]
     worst = 0.0
     for targets in (greedy, references):
         ours = export_check.our_token_logprobs(graphdef, params, src_ids,
