@@ -38,12 +38,14 @@ def cli(*args: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: as translate picks)")
     p.add_argument("--workdir", help="where the exports and outputs go (default: a temporary directory)")
     p.add_argument("--json-out")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="export-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    cfg, graphdef, params, tok, step, _ = load_run(args.checkpoint)
+    cfg, graphdef, params, tok, step, _ = load_run(args.checkpoint, args.step)
+    which = ["--checkpoint", args.checkpoint, "--step", str(step)]
     src_file, ref_file = (str(f) for f in cfg.data.test_files)
     lines = [clean_line(x) for x in read_lines(src_file)]
     refs = [x.strip() for x in read_lines(ref_file)]
@@ -56,13 +58,13 @@ def main() -> None:
     for quant in ("float32", "int8"):
         models[quant] = work / f"ct2-{quant}"
         if not models[quant].exists():
-            cli("export", "--checkpoint", args.checkpoint, "--quantization", quant, "-o", str(models[quant]))
+            cli("export", *which, "--quantization", quant, "-o", str(models[quant]))
     alpha = cfg.decode.alpha
     runs = {"greedy": (1, 0.0, 0.0), "beam4_alpha0": (4, 0.0, 0.0), f"beam4_alpha{alpha}": (4, alpha, 1.0)}
     outputs = {}
     for name, (beam, a, length_penalty) in runs.items():
         out = work / f"ours-{name}.de"
-        cli("translate", "--checkpoint", args.checkpoint, "-i", src_file, "-o", str(out), "--beam", str(beam),
+        cli("translate", *which, "-i", src_file, "-o", str(out), "--beam", str(beam),
             "--alpha", str(a), "--no-progress")
         outputs[f"ours/{name}"] = read_lines(str(out))
         for quant, model in models.items():
