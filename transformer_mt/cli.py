@@ -1,4 +1,4 @@
-"""Command line: `transformer-mt train | translate | evaluate | score | average | plot | attention`.
+"""Command line: `transformer-mt train | translate | evaluate | score | average | plot | attention | export`.
 Argument parsing only.
 
 User errors (bad config, missing files, bad checkpoints) end with one line on stderr and a
@@ -183,6 +183,22 @@ def _add_attention(sub) -> None:
                    help="image file: .png, .pdf or .svg (default: attention.png)")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's checkpoint as a CTranslate2 model directory (int8 included)",
+        description="Convert a checkpoint to a CTranslate2 model directory: the model, the SentencePiece model(s) "
+        "and tokenize.json (how text becomes pieces), enough to translate with ctranslate2.Translator and "
+        "sentencepiece alone. Needs ctranslate2: pip install 'transformer_mt[export]'. DIR appears whole or "
+        "not at all.",
+    )
+    add_checkpoint_arguments(p)
+    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2"], help="output format (default: ctranslate2)")
+    p.add_argument("--quantization", default="float32", choices=["float32", "int8", "int8_float32", "int16"],
+                   help="weight type of the exported model (default: float32)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create (must not exist)")
+
+
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", metavar="DIR",
                    help="persistent cache of compiled programs and trained tokenizers, so the next run of the "
@@ -195,10 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-mt",
         description="Transformer neural machine translation in JAX/Flax: train, translate, evaluate, score, "
-        "average checkpoints, plot training curves and attention.",
+        "average checkpoints, plot training curves and attention, export to CTranslate2.",
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,translate,evaluate,score,average,plot,attention}")
+                                metavar="{train,translate,evaluate,score,average,plot,attention,export}")
     _add_train(sub)
     _add_translate(sub)
     _add_evaluate(sub)
@@ -206,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_average(sub)
     _add_plot(sub)
     _add_attention(sub)
+    _add_export(sub)
     for name, p in sub.choices.items():
-        if name not in ("average", "plot"):  # these compile nothing
+        if name not in ("average", "plot", "export"):  # these compile nothing
             add_cache_arguments(p)
     return parser
 
@@ -243,6 +260,7 @@ COMMANDS = {
     "average": ("transformer_mt.average", "average_command"),
     "plot": ("transformer_mt.plot", "plot_command"),
     "attention": ("transformer_mt.attention", "attention_command"),
+    "export": ("transformer_mt.export", "export_command"),
 }
 
 
