@@ -2,8 +2,8 @@
 
 Requests (jobs) wait in arrival order. Each cycle the worker takes the settings of the job that
 has waited longest, then lines of every waiting job with the same settings, up to a token budget:
-first up to FAIR_SHARE lines of each job in turn, then more of them in order while the budget
-lasts. So a long request is decoded a slice at a time and a short one that arrives behind it is
+first a line of each job in turn (up to FAIR_SHARE rounds), then more in arrival order while the
+budget lasts. So a long request is decoded a slice at a time and a short one that arrives behind it is
 answered after one cycle, not after the whole long request. When the worker is idle it waits at
 most `max_wait` seconds after the first arrival for others to join the batch.
 
@@ -116,16 +116,22 @@ class Batcher:
             same = [j for j in self._jobs if j.key == key]
             taken = {j.id: j.next_line for j in same}
             spent = 0
-            for share in (FAIR_SHARE, None):  # a fair slice of each job first, then whatever fits
-                for j in same:
-                    stop = len(j.lines) if share is None else min(len(j.lines), j.next_line + share)
-                    while j.next_line < stop and (spent == 0 or spent + j.costs[j.next_line] <= self.budget):
+
+            def fits(j: Job) -> bool:
+                return j.next_line < len(j.lines) and (spent == 0 or spent + j.costs[j.next_line] <= self.budget)
+
+            for _ in range(FAIR_SHARE):  # a line of each job in turn, up to FAIR_SHARE each
+                turn = [j for j in same if fits(j)]
+                for j in turn:
+                    if fits(j):
                         spent += j.costs[j.next_line]
                         j.next_line += 1
-                    if spent >= self.budget:
-                        break
-                if spent >= self.budget:
+                if not turn:
                     break
+            for j in same:  # then whatever fits, in arrival order
+                while fits(j):
+                    spent += j.costs[j.next_line]
+                    j.next_line += 1
             slices = [(j, taken[j.id], j.next_line) for j in same if j.next_line > taken[j.id]]
             for j, start, end in slices:
                 self.queued_lines -= end - start
