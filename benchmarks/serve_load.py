@@ -46,7 +46,7 @@ def offline_main(run: str, beam: int, cpu_devices: int) -> None:
 
     split_cpu(cpu_devices)
     compile_cache.enable()
-    from transformer_mt import translate as tr
+    from transformer_mt import search as tr
     from transformer_mt.rundir import load_run
 
     cfg, graphdef, params, tok, step, mesh = load_run(run)
@@ -56,7 +56,7 @@ def offline_main(run: str, beam: int, cpu_devices: int) -> None:
     times = []
     for _ in range(2):
         start = time.perf_counter()
-        out = [h[0][0] for h in tr.translate_lines(translator, params, lines, settings, progress=False)]
+        out = [h[0][0] for h in translator.translate_lines(params, lines, settings)]
         times.append(time.perf_counter() - start)
     print(json.dumps({"seconds": times, "lines": out, "step": step}))
 

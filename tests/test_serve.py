@@ -23,7 +23,8 @@ pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 from conftest import ROOT  # noqa: E402
-from transformer_mt import translate as tr  # noqa: E402
+from transformer_mt import search as tr  # noqa: E402
+from transformer_mt import textio  # noqa: E402
 from transformer_mt.serve.app import Server, create_app  # noqa: E402
 from transformer_mt.serve.batcher import Batcher  # noqa: E402
 from transformer_mt.serve.engine import Engine  # noqa: E402
@@ -96,7 +97,7 @@ def test_concurrent_requests_get_their_own_translations(engine):
     translator = engine.translator
     for request, answer in zip(requests, answers):
         settings = tr.settings_from(engine.cfg, beam_size=request["beam"], nbest=request.get("nbest", 1))
-        alone = tr.translate_lines(translator, engine.params, request["q"], settings, progress=False)
+        alone = translator.translate_lines(engine.params, request["q"], settings, progress=False)
         got = answer.json()["translations"]
         assert [[h["text"] for h in t["hypotheses"]] for t in got] == [[text for text, _ in hyps] for hyps in alone]
         assert [h["score"] for t in got for h in t["hypotheses"]] == pytest.approx(
@@ -128,7 +129,7 @@ def test_long_request_is_split_so_short_ones_are_not_starved(engine):
     batcher.stop()
     assert done == {"short": 1, "long": 5}  # 9 of the long one's 48 lines + the short one, then 10 a batch
     assert batches[0][-1] == "Kids ." and len(batches[0]) == 10
-    alone = tr.translate_lines(engine.translator, engine.params, long_lines, settings, progress=False)
+    alone = engine.translator.translate_lines(engine.params, long_lines, settings, progress=False)
     assert [h[0].text for h in long_job.results] == [h[0][0] for h in alone]
 
 
@@ -237,8 +238,8 @@ def test_hostile_text_is_read_as_translate_reads_a_file(engine):
     answer = run(call())
     server.batcher.stop()
     assert answer.status_code == 200, answer.text
-    lines = list(tr.decode_lines([b"A \xff dog\x01 runs .\r\n", b"\tKids \xe2\x80\xa8 .\n"], "file"))
-    expected = tr.translate_lines(engine.translator, engine.params, lines, engine.settings(), progress=False)
+    lines = list(textio.decode_lines([b"A \xff dog\x01 runs .\r\n", b"\tKids \xe2\x80\xa8 .\n"], "file"))
+    expected = engine.translator.translate_lines(engine.params, lines, engine.settings(), progress=False)
     assert answer.json()["translatedText"] == "\n".join(h[0][0] for h in expected)
 
 
@@ -265,7 +266,7 @@ def test_libretranslate_shapes_round_trip(engine):
     two = tr.settings_from(engine.cfg, nbest=2, beam_size=max(2, engine.default_beam))
 
     def offline(lines, settings):
-        return tr.translate_lines(engine.translator, engine.params, lines, settings, progress=False)
+        return engine.translator.translate_lines(engine.params, lines, settings, progress=False)
 
     assert plain.json() == {"translatedText": offline([one], best)[0][0][0]}
     assert form.json() == plain.json()
@@ -345,7 +346,7 @@ def serving(run_dir, *extra: str):
 
 def _offline(engine, lines, **overrides):
     settings = tr.settings_from(engine.cfg, **overrides)
-    return [h[0][0] for h in tr.translate_lines(engine.translator, engine.params, lines, settings, progress=False)]
+    return [h[0][0] for h in engine.translator.translate_lines(engine.params, lines, settings, progress=False)]
 
 
 def test_sigterm_answers_every_accepted_request_then_exits_0(engine, trained_run, tmp_path):

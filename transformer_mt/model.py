@@ -171,6 +171,52 @@ def blocked_attention(q, k_blocks, v_blocks, mask, index):
     return jax.lax.switch(index // (size // beams), branches, q, k_blocks, v_blocks, mask)
 
 
+def encoder_masks(src, src_mask, packing):
+    """(src_mask bool [B, S], positions [B, S], self-attention mask) of an encoder input.
+
+    src_mask defaults to src != PAD_ID; the mask is [B, 1, 1, S]. A packed batch (packing holds
+    segment ids and positions, data.pack_batch) masks [B, 1, S, S]: each token attends only
+    within its own pair, at positions counted from the pair's start."""
+    if packing is not None:
+        segments = packing["src_segments"]
+        attn_mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, S, S]
+        return segments != 0, packing["src_positions"], attn_mask
+    if src_mask is None:
+        src_mask = src != PAD_ID
+    positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
+    return src_mask, positions, src_mask[:, None, None, :]  # [B, 1, 1, S]
+
+
+def decoder_masks(tgt_in, src_mask, packing):
+    """(causal self-attention mask, cross-attention mask, positions [B, T]) for teacher forcing
+    over tgt_in [B, T]: [1, 1, T, T] and [B, 1, 1, S], or, packed, [B, 1, T, T] and [B, 1, T, S]
+    (within one pair: its own earlier tokens, its own source)."""
+    T = tgt_in.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1, 1, T, T]
+    if packing is not None:
+        tgt_seg, src_seg = packing["tgt_segments"], packing["src_segments"]
+        causal = causal & (tgt_seg[:, :, None] == tgt_seg[:, None, :])[:, None]  # [B, 1, T, T]
+        cross_mask = ((tgt_seg[:, :, None] == src_seg[:, None, :]) & (src_seg != 0)[:, None, :])[:, None]
+        return causal, cross_mask, packing["tgt_positions"]
+    positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
+    return causal, src_mask[:, None, None, :], positions
+
+
+def cache_mask(slots, index):
+    """Which self-attention cache entries each hypothesis sees at step `index`: (slots with
+    every beam's entry at index recorded as its own, mask [B, 1, T * N, N]); for one hypothesis
+    per sentence (N = 1), slots unchanged and the mask [1, 1, T, 1] of positions up to index."""
+    batch, beams, max_len = slots.shape
+    seen = jnp.arange(max_len) <= index  # [T]
+    if beams == 1:
+        return slots, seen[None, None, :, None]
+    slots = jax.lax.dynamic_update_slice_in_dim(
+        slots, jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (batch, beams, 1)), index, 2)
+    # Entry t * N + s is an ancestor of hypothesis j when slots[b, j, t] == s.
+    mine = (slots[:, :, :, None] == jnp.arange(beams)) & seen[:, None]  # [B, N(j), T, N(s)]
+    return slots, mine.transpose(0, 2, 3, 1).reshape(batch, 1, max_len * beams, beams)  # [B, 1, T*N, N]
+
+
 class Attention(nnx.Module):
     """Multi-head attention projections; the attention itself is `dot_product_attention`."""
 
@@ -315,8 +361,71 @@ class DecoderLayer(nnx.Module):
         return self.ffn_block(x, lambda h: self.ffn(h, None), None), new
 
 
-class Transformer(nnx.Module):
-    """Encoder-decoder Transformer with optional tied embeddings."""
+class IncrementalDecoding:
+    """Transformer's decoding half: `cross_state` + `init_cache` + `decode_step` (+
+    `reorder_cache` for beams), step by step with a cache, as search.py runs them. Reads the
+    Transformer's cfg, dtype, decoder_layers, tgt_embed, _embed and _logits; holds no state.
+
+    Rows are sentences x beams, [B * N] in the search's order (N = 1 for greedy). Keys and values
+    are kept heads-major, [B, H, L, K], the layout the attention dots read without a transpose.
+    Cross-attention keys/values are projected once per sentence and shared by its beams. The
+    self-attention cache holds every beam's entries in one buffer per layer, position-major
+    ([B, H, max_len * N, K]: entry t * N + j is beam j at position t); an entry is written once
+    and never moved. `slots` [B, N, max_len] says, for each hypothesis, which beam's entry at
+    each position is its ancestor; a beam reorder gathers only these ints (`reorder_cache`).
+    With beams and max_len >= 8 that buffer is split into CACHE_BLOCKS blocks of positions, each
+    its own array, and a step attends over the blocks filled so far only (`blocked_attention`):
+    reading the whole buffer every step was a quarter of a beam step.
+    """
+
+    def cross_state(self, encoded, src_mask):
+        """Per-sentence decoding inputs: cross keys/values [B, H, S, K] of every layer and the mask."""
+        layers = []
+        for layer in self.decoder_layers:
+            k, v = layer.cross_attn.project_kv(encoded)  # [B, S, H, K]
+            layers.append((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)))
+        return {"layers": tuple(layers), "mask": src_mask[:, None, :, None]}  # mask [B, 1, S, 1]
+
+    def init_cache(self, batch_size: int, beam_size: int, max_len: int):
+        """Empty self-attention cache for batch_size sentences of beam_size hypotheses each."""
+        heads, head_dim = self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads
+        if beam_size > 1 and max_len >= 2 * CACHE_BLOCKS:  # up to CACHE_BLOCKS blocks of positions
+            block_len = -(-max_len // CACHE_BLOCKS)
+            max_len = -(-max_len // block_len) * block_len
+            shape = (batch_size, heads, block_len * beam_size, head_dim)
+            zeros = lambda: tuple(jnp.zeros(shape, self.dtype) for _ in range(max_len // block_len))  # noqa: E731
+        else:
+            shape = (batch_size, heads, max_len * beam_size, head_dim)
+            zeros = lambda: jnp.zeros(shape, self.dtype)  # noqa: E731
+        layers = tuple({"k": zeros(), "v": zeros()} for _ in self.decoder_layers)
+        slots = jnp.zeros((batch_size, beam_size, max_len), jnp.int32)
+        return {"layers": layers, "slots": slots, "index": jnp.zeros((), jnp.int32)}
+
+    @staticmethod
+    def reorder_cache(cache, parents):
+        """After a beam step: hypothesis j of sentence b continues parents[b, j] ([B, N] int)."""
+        slots = jnp.take_along_axis(cache["slots"], parents[:, :, None], axis=1)
+        return {**cache, "slots": slots}
+
+    def decode_step(self, ids, cache, cross):
+        """One step: ids [B * N] at position cache['index'] -> (float32 logits [B * N, V], cache)."""
+        index, slots = cache["index"], cache["slots"]
+        batch, beams, max_len = slots.shape
+        positions = jnp.full((batch, beams), index)
+        x = self._embed(self.tgt_embed, ids.reshape(batch, beams), positions, None)  # [B, N, D]
+        slots, self_mask = cache_mask(slots, index)
+        new_layers = []
+        for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
+            x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_k, cross_v,
+                                        cross["mask"], positions)
+            new_layers.append(layer_cache)
+        logits = self._logits(x).reshape(batch * beams, -1)
+        return logits, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
+
+
+class Transformer(IncrementalDecoding, nnx.Module):
+    """Encoder-decoder Transformer with optional tied embeddings: teacher forcing here,
+    step-by-step decoding in IncrementalDecoding."""
 
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -381,15 +490,7 @@ class Transformer(nnx.Module):
         packing: a packed batch's segment ids and positions (data.pack_batch); each token then
         attends only within its own pair, at positions counted from the pair's start.
         """
-        if packing is not None:
-            segments = packing["src_segments"]
-            src_mask, positions = segments != 0, packing["src_positions"]
-            attn_mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, S, S]
-        else:
-            if src_mask is None:
-                src_mask = src != PAD_ID
-            positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
-            attn_mask = src_mask[:, None, None, :]  # [B, 1, 1, S]
+        src_mask, positions, attn_mask = encoder_masks(src, src_mask, packing)
         x = self._embed(self.src_embed, src, positions, rngs, table_len=src.shape[1])
         weights = []
         for layer in self.encoder_layers:
@@ -419,17 +520,8 @@ class Transformer(nnx.Module):
 
     def _decoder_states(self, tgt_in, encoded, src_mask, rngs, packing=None):
         """The decoder stack's output [B, T, D] (before the final norm) and each layer's weights."""
-        T = tgt_in.shape[1]
-        causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1, 1, T, T]
-        if packing is not None:  # within one pair: its own earlier tokens, its own source
-            tgt_seg, src_seg = packing["tgt_segments"], packing["src_segments"]
-            positions = packing["tgt_positions"]
-            causal = causal & (tgt_seg[:, :, None] == tgt_seg[:, None, :])[:, None]  # [B, 1, T, T]
-            cross_mask = ((tgt_seg[:, :, None] == src_seg[:, None, :]) & (src_seg != 0)[:, None, :])[:, None]
-        else:
-            positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
-            cross_mask = src_mask[:, None, None, :]
-        x = self._embed(self.tgt_embed, tgt_in, positions, rngs, table_len=T)
+        causal, cross_mask, positions = decoder_masks(tgt_in, src_mask, packing)
+        x = self._embed(self.tgt_embed, tgt_in, positions, rngs, table_len=tgt_in.shape[1])
         weights = []
         for layer in self.decoder_layers:
             cross = layer.cross_attn.project_kv(encoded)
@@ -440,71 +532,6 @@ class Transformer(nnx.Module):
     def __call__(self, src, tgt_in, rngs: nnx.Rngs | None = None):
         encoded, src_mask = self.encode(src, rngs)
         return self.decode(tgt_in, encoded, src_mask, rngs)
-
-    # ------------------------------------------------------------------ incremental decoding
-    #
-    # Rows are sentences x beams, [B * N] in the search's order (N = 1 for greedy). Keys and values
-    # are kept heads-major, [B, H, L, K], the layout the attention dots read without a transpose.
-    # Cross-attention keys/values are projected once per sentence and shared by its beams. The
-    # self-attention cache holds every beam's entries in one buffer per layer, position-major
-    # ([B, H, max_len * N, K]: entry t * N + j is beam j at position t); an entry is written once
-    # and never moved. `slots` [B, N, max_len] says, for each hypothesis, which beam's entry at
-    # each position is its ancestor; a beam reorder gathers only these ints (`reorder_cache`).
-    # With beams and max_len >= 8 that buffer is split into CACHE_BLOCKS blocks of positions, each
-    # its own array, and a step attends over the blocks filled so far only (`blocked_attention`):
-    # reading the whole buffer every step was a quarter of a beam step.
-
-    def cross_state(self, encoded, src_mask):
-        """Per-sentence decoding inputs: cross keys/values [B, H, S, K] of every layer and the mask."""
-        layers = []
-        for layer in self.decoder_layers:
-            k, v = layer.cross_attn.project_kv(encoded)  # [B, S, H, K]
-            layers.append((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)))
-        return {"layers": tuple(layers), "mask": src_mask[:, None, :, None]}  # mask [B, 1, S, 1]
-
-    def init_cache(self, batch_size: int, beam_size: int, max_len: int):
-        """Empty self-attention cache for batch_size sentences of beam_size hypotheses each."""
-        heads, head_dim = self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads
-        if beam_size > 1 and max_len >= 2 * CACHE_BLOCKS:  # up to CACHE_BLOCKS blocks of positions
-            block_len = -(-max_len // CACHE_BLOCKS)
-            max_len = -(-max_len // block_len) * block_len
-            shape = (batch_size, heads, block_len * beam_size, head_dim)
-            zeros = lambda: tuple(jnp.zeros(shape, self.dtype) for _ in range(max_len // block_len))  # noqa: E731
-        else:
-            shape = (batch_size, heads, max_len * beam_size, head_dim)
-            zeros = lambda: jnp.zeros(shape, self.dtype)  # noqa: E731
-        layers = tuple({"k": zeros(), "v": zeros()} for _ in self.decoder_layers)
-        slots = jnp.zeros((batch_size, beam_size, max_len), jnp.int32)
-        return {"layers": layers, "slots": slots, "index": jnp.zeros((), jnp.int32)}
-
-    @staticmethod
-    def reorder_cache(cache, parents):
-        """After a beam step: hypothesis j of sentence b continues parents[b, j] ([B, N] int)."""
-        slots = jnp.take_along_axis(cache["slots"], parents[:, :, None], axis=1)
-        return {**cache, "slots": slots}
-
-    def decode_step(self, ids, cache, cross):
-        """One step: ids [B * N] at position cache['index'] -> (float32 logits [B * N, V], cache)."""
-        index, slots = cache["index"], cache["slots"]
-        batch, beams, max_len = slots.shape
-        positions = jnp.full((batch, beams), index)
-        x = self._embed(self.tgt_embed, ids.reshape(batch, beams), positions, None)  # [B, N, D]
-        seen = jnp.arange(max_len) <= index  # [T]
-        if beams == 1:
-            self_mask = seen[None, None, :, None]  # [1, 1, T, 1]
-        else:
-            slots = jax.lax.dynamic_update_slice_in_dim(
-                slots, jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (batch, beams, 1)), index, 2)
-            # Entry t * N + s is an ancestor of hypothesis j when slots[b, j, t] == s.
-            mine = (slots[:, :, :, None] == jnp.arange(beams)) & seen[:, None]  # [B, N(j), T, N(s)]
-            self_mask = mine.transpose(0, 2, 3, 1).reshape(batch, 1, max_len * beams, beams)  # [B, 1, T*N, N]
-        new_layers = []
-        for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
-            x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_k, cross_v,
-                                        cross["mask"], positions)
-            new_layers.append(layer_cache)
-        logits = self._logits(x).reshape(batch * beams, -1)
-        return logits, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
 
 
 def count_params(model: nnx.Module) -> int:

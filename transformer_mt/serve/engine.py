@@ -17,9 +17,9 @@ import jax
 
 from transformer_mt import data as data_lib
 from transformer_mt.alignment import align_hypotheses
-from transformer_mt.attention import teacher_forced_weights
 from transformer_mt.rundir import load_run
-from transformer_mt.translate import SearchSettings, Translator, clean_line, settings_from, translate_lines
+from transformer_mt.search import SearchSettings, Translator, settings_from
+from transformer_mt.textio import clean_line
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ class Engine:
                   alignment: bool = False, first_line: int = 1) -> list[list[Hypothesis]]:
         """settings.nbest hypotheses per line, best first, as `translate` writes them for these lines
         of a file whose first line is number first_line (which seeds sampling)."""
-        results = translate_lines(self.translator, self.params, lines, settings, progress=False, name="request",
-                                  first_line=first_line, prefixes=prefixes)
+        results = self.translator.translate_lines(self.params, lines, settings, name="request", first_line=first_line,
+                                                  prefixes=prefixes)
         aligned = align_hypotheses(self.translator, self.params, lines, results) if alignment else None
         return [[Hypothesis(text, score, aligned[k][h] if aligned else None) for h, (text, score) in enumerate(hyps)]
                 for k, hyps in enumerate(results)]
@@ -89,9 +89,7 @@ class Engine:
         tgt_ids = tok.encode_tgt([translation])[0]
         if len(src_ids) <= 1 or not tgt_ids:
             return {"source": [], "target": [], "weights": []}
-        weights = teacher_forced_weights(self.translator.graphdef, self.params, self.translator.mesh,
-                                         self.translator.buckets, self.cfg.data.batch_tokens, [src_ids], [tgt_ids],
-                                         alignment_only=True)[0]
+        weights = self.translator.attention_weights(self.params, [src_ids], [tgt_ids], alignment_only=True)[0]
         return {"source": [tok.src.id_to_piece(i) for i in src_ids[:-1]] + ["</s>"],
                 "target": [tok.tgt.id_to_piece(i) for i in tgt_ids] + ["</s>"],
                 "weights": [[round(float(w), 4) for w in row] for row in weights]}
