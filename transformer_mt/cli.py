@@ -1,4 +1,4 @@
-"""Command line: `transformer-mt train | translate | evaluate | score | average | plot | attention | export`.
+"""Command line: `transformer-mt train | translate | evaluate | score | average | plot | attention | export | serve`.
 Argument parsing only.
 
 User errors (bad config, missing files, bad checkpoints) end with one line on stderr and a
@@ -199,6 +199,34 @@ def _add_export(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create (must not exist)")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="translate over HTTP: LibreTranslate's API, /v1/translate, a web page",
+        description="Serve a trained run over HTTP: LibreTranslate's POST /translate and GET /languages, "
+        "POST /v1/translate with every search option of `translate`, GET /health, and a web page at /. "
+        "Concurrent requests are decoded together; each answer equals what `translate` gives for its lines. "
+        "Needs the optional extra: pip install 'transformer_mt[serve]'.",
+        epilog="SIGTERM or SIGINT stops accepting, answers the requests in flight, and exits 0.",
+    )
+    add_checkpoint_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--batch-tokens", type=int, help="padded source tokens decoded together per batch "
+                   "(default: the run's decode.batch_tokens)")
+    p.add_argument("--max-wait-ms", type=float, default=3.0,
+                   help="when idle, how long the first request waits for others to share its batch (default 3)")
+    p.add_argument("--max-chars", type=int, default=5000, help="characters per request (default 5000; more: 413)")
+    p.add_argument("--max-lines", type=int, default=100, help="lines per request (default 100; more: 413)")
+    p.add_argument("--max-queue-lines", type=int, default=2000,
+                   help="lines waiting to be decoded (default 2000; more: 503 with Retry-After)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait (default 30; then 504)")
+    p.add_argument("--cpu-devices", type=int, metavar="N",
+                   help=f"on a CPU, split it into N devices that decode each batch's rows side by side "
+                   f"(default {DECODE_CPU_DEVICES}); see translate --help")
+    p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
+
+
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", metavar="DIR",
                    help="persistent cache of compiled programs and trained tokenizers, so the next run of the "
@@ -214,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "average checkpoints, plot training curves and attention, export to CTranslate2.",
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,translate,evaluate,score,average,plot,attention,export}")
+                                metavar="{train,translate,evaluate,score,average,plot,attention,export,serve}")
     _add_train(sub)
     _add_translate(sub)
     _add_evaluate(sub)
@@ -223,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_attention(sub)
     _add_export(sub)
+    _add_serve(sub)
     for name, p in sub.choices.items():
         if name not in ("average", "plot", "export"):  # these compile nothing
             add_cache_arguments(p)
@@ -261,6 +290,7 @@ COMMANDS = {
     "plot": ("transformer_mt.plot", "plot_command"),
     "attention": ("transformer_mt.attention", "attention_command"),
     "export": ("transformer_mt.export", "export_command"),
+    "serve": ("transformer_mt.serve", "serve_command"),
 }
 
 
@@ -284,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "cpu_devices"):
         from transformer_mt.sharding import split_cpu
 
-        reads_file = args.command == "evaluate" or getattr(args, "input", "-") != "-"
+        reads_file = args.command in ("evaluate", "serve") or getattr(args, "input", "-") != "-"
         split_cpu(args.cpu_devices or (DECODE_CPU_DEVICES if reads_file else 1))  # before JAX's backends start
     if hasattr(args, "compile_cache"):
         compile_cache.enable(args.compile_cache, disabled=args.no_compile_cache)

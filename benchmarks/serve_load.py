@@ -1,0 +1,191 @@
+"""Load test of `transformer-mt serve`: concurrent clients, each sending one test_2016 sentence at a time.
+
+    python benchmarks/serve_load.py --checkpoint RUN [--beam 1] [--clients 1,8,32,64] [--soak]
+
+1. Translates data/multi30k/test_2016_flickr.en.gz as `translate` does (a subprocess, the same
+   CPU devices as the server), twice: the second pass's sentences/s is translate's file throughput,
+   and its lines are the reference every served answer is checked against.
+2. Starts the server on a free localhost port (start-to-ready time), warms it with one pass over
+   the test set at each client count (the batch shapes each meets), and notes the count of
+   compiled programs.
+3. For each client count: every client sends single sentences (POST /v1/translate) one after
+   another until --requests are answered; prints p50/p95/p99 latency, sentences/s, errors and
+   mismatches, programs compiled since warm-up, and the server's RSS.
+4. --soak: 32 clients for --soak-minutes (10); RSS at start and end.
+
+The clients run in this process (asyncio + httpx) on the same CPU as the server: their own CPU
+time is part of what the server's latency pays for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_FILE = ROOT / "data" / "multi30k" / "test_2016_flickr.en.gz"
+
+
+def read_test() -> list[str]:
+    with gzip.open(TEST_FILE, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def offline_main(run: str, beam: int, cpu_devices: int) -> None:
+    """(subprocess) translate the test set twice the way `translate` does; print JSON."""
+    from transformer_mt import compile_cache
+    from transformer_mt.sharding import split_cpu
+
+    split_cpu(cpu_devices)
+    compile_cache.enable()
+    from transformer_mt import search as tr
+    from transformer_mt.rundir import load_run
+
+    cfg, graphdef, params, tok, step, mesh = load_run(run)
+    translator = tr.Translator(cfg, graphdef, tok, mesh)
+    settings = tr.settings_from(cfg, beam_size=beam)
+    lines = read_test()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        out = [h[0][0] for h in translator.translate_lines(params, lines, settings)]
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": times, "lines": out, "step": step}))
+
+
+def offline(run: str, beam: int, cpu_devices: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, __file__, "--offline", "--checkpoint", run, "--beam", str(beam),
+                          "--cpu-devices", str(cpu_devices)], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout)
+
+
+def start_server(run: str, cpu_devices: int, extra: list[str]):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "transformer_mt.cli", "serve", "--checkpoint", run, "--port", "0",
+                             "--cpu-devices", str(cpu_devices), *extra], stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    for line in proc.stderr:
+        if "ready on " in line:
+            return proc, line.split("ready on ")[1].split()[0], time.perf_counter() - start, line.strip()
+    raise SystemExit(f"serve did not start (exit {proc.wait()})")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident set size of a process in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+async def load(url: str, sentences: list[str], reference: list[str], clients: int, beam: int,
+               requests: int | None = None, seconds: float | None = None) -> dict:
+    """`clients` clients sending one sentence per request until `requests` are answered (or `seconds` pass)."""
+    import httpx
+
+    latencies, errors, mismatches = [], [], 0
+    counter = iter(range(10 ** 9))
+    end_time = time.perf_counter() + seconds if seconds else None
+
+    async def client(http):
+        nonlocal mismatches
+        while True:
+            n = next(counter)
+            if (requests is not None and n >= requests) or (end_time and time.perf_counter() > end_time):
+                return
+            k = n % len(sentences)
+            start = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/v1/translate", json={"q": sentences[k], "beam": beam})
+                latencies.append(time.perf_counter() - start)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:100]}")
+                elif r.json()["translations"][0]["hypotheses"][0]["text"] != reference[k]:
+                    mismatches += 1
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"clients": clients, "requests": len(latencies), "p50_ms": q[49] * 1000, "p95_ms": q[94] * 1000,
+            "p99_ms": q[98] * 1000, "sent_per_s": len(latencies) / wall, "errors": len(errors),
+            "mismatches": mismatches, "first_errors": errors[:3]}
+
+
+def health(url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/health").json()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--clients", default="1,8,32,64", help="client counts, comma-separated")
+    p.add_argument("--requests", type=int, default=1000, help="requests per client count (1 client: a fifth)")
+    p.add_argument("--cpu-devices", type=int, default=2, help="for both the server and the offline translation")
+    p.add_argument("--soak", action="store_true", help="then 32 clients for --soak-minutes")
+    p.add_argument("--soak-minutes", type=float, default=10.0)
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for serve (repeatable)")
+    p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.offline:
+        return offline_main(args.checkpoint, args.beam, args.cpu_devices)
+
+    sentences = read_test()
+    ref = offline(args.checkpoint, args.beam, args.cpu_devices)
+    file_rate = len(sentences) / ref["seconds"][1]
+    print(f"translate (file, {len(sentences)} sentences, beam {args.beam}, {args.cpu_devices} device(s)): "
+          f"{ref['seconds'][1]:.2f} s = {file_rate:.1f} sent/s (first pass {ref['seconds'][0]:.2f} s)", flush=True)
+
+    proc, url, ready_s, ready_line = start_server(args.checkpoint, args.cpu_devices, args.server_arg)
+    print(f"serve: start to ready {ready_s:.2f} s: {ready_line}", flush=True)
+    try:
+        levels = [int(c) for c in args.clients.split(",")]
+        for clients in levels:  # one pass at each client count: the batch shapes each will meet
+            warm = asyncio.run(load(url, sentences, ref["lines"], clients, args.beam,
+                                    requests=len(sentences) if clients > 1 else 100))
+            print(f"warm-up at {clients} clients ({warm['requests']} requests): {warm['errors']} errors, "
+                  f"{warm['mismatches']} mismatches; {health(url)['programs']} programs", flush=True)
+        programs = health(url)["programs"]
+        print("clients  requests  p50 ms  p95 ms  p99 ms  sent/s  vs file  errors  mismatches  new programs  RSS MiB")
+        for clients in levels:
+            n = args.requests if clients > 1 else max(1, args.requests // 5)
+            r = asyncio.run(load(url, sentences, ref["lines"], clients, args.beam, requests=n))
+            h = health(url)
+            rss, peak = rss_mb(proc.pid)
+            print(f"{clients:7d}  {r['requests']:8d}  {r['p50_ms']:6.1f}  {r['p95_ms']:6.1f}  {r['p99_ms']:6.1f}  "
+                  f"{r['sent_per_s']:6.1f}  {r['sent_per_s'] / file_rate:6.0%}  {r['errors']:6d}  "
+                  f"{r['mismatches']:10d}  {h['programs'] - programs:12d}  {rss:7.0f}"
+                  + (f"  {r['first_errors']}" if r["errors"] else ""), flush=True)
+        if args.soak:
+            rss_start, _ = rss_mb(proc.pid)
+            r = asyncio.run(load(url, sentences, ref["lines"], 32, args.beam, seconds=args.soak_minutes * 60))
+            rss_end, peak = rss_mb(proc.pid)
+            print(f"soak: 32 clients, {args.soak_minutes:g} min, {r['requests']} requests, {r['sent_per_s']:.1f} "
+                  f"sent/s, p99 {r['p99_ms']:.0f} ms, {r['errors']} errors, {r['mismatches']} mismatches; RSS "
+                  f"{rss_start:.0f} -> {rss_end:.0f} MiB ({rss_end / rss_start - 1:+.1%}), peak {peak:.0f} MiB; "
+                  f"{health(url)['programs'] - programs} new programs", flush=True)
+        _, peak = rss_mb(proc.pid)
+        print(f"server peak RSS {peak:.0f} MiB", flush=True)
+    finally:
+        proc.terminate()
+        code = proc.wait(120)
+        print(f"serve exited {code} after SIGTERM")
+
+
+if __name__ == "__main__":
+    main()

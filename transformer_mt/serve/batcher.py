@@ -1,0 +1,175 @@
+"""Batching across requests: one queue, one worker thread, many requests decoded together.
+
+Requests (jobs) wait in arrival order. Each cycle the worker takes the settings of the job that
+has waited longest, then lines of every waiting job with the same settings, up to a token budget:
+first a line of each job in turn (up to FAIR_SHARE rounds), then more in arrival order while the
+budget lasts. So a long request is decoded a slice at a time and a short one that arrives behind it is
+answered after one cycle, not after the whole long request. When the worker is idle it waits at
+most `max_wait` seconds after the first arrival for others to join the batch.
+
+The decoding itself (`translate`, which sorts the lines into the row-bucketed batches of
+`transformer-mt translate`) runs in the worker thread, off the event loop; each job collects its
+own lines' results in its own order and is told once all of them are in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+FAIR_SHARE = 8  # lines of each waiting job per cycle before any job gets more
+
+
+class QueueFull(Exception):
+    """The queue holds as many lines as it may; the client should retry later."""
+
+
+class Job:
+    """One request: its lines, their costs (padded source tokens) and the key of its settings.
+    `sampling` jobs are decoded alone, each slice seeded by its line numbers within the request,
+    as `translate` seeds a file's lines."""
+
+    _ids = itertools.count()
+
+    def __init__(self, lines: Sequence[str], costs: Sequence[int], settings: Any, *, prefixes=None,
+                 alignment: bool = False, sampling: bool = False, on_done: Callable[["Job"], None] | None = None):
+        self.id = next(Job._ids)
+        self.lines, self.costs, self.settings = list(lines), list(costs), settings
+        self.prefixes, self.alignment = (list(prefixes) if prefixes is not None else None), alignment
+        self.key: Hashable = (settings, alignment, prefixes is not None, self.id if sampling else None)
+        self.results: list = [None] * len(self.lines)
+        self.next_line = 0  # lines before it are taken by the worker
+        self.remaining = len(self.lines)  # lines not yet answered
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.on_done = on_done
+        self.arrived = time.monotonic()
+
+    def waiting(self) -> int:
+        return len(self.lines) - self.next_line
+
+
+class Batcher:
+    """The queue and its worker thread. translate(lines, settings, prefixes, alignment, first_line)
+    returns one result per line (Engine.translate)."""
+
+    def __init__(self, translate: Callable[..., list], budget: int, max_wait: float = 0.003,
+                 max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None):
+        self.translate, self.budget, self.max_wait = translate, budget, max_wait
+        self.max_queue_lines = max_queue_lines
+        self.hold = hold  # tests: while it returns True the worker starts no cycle
+        self._jobs: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.queued_lines = 0  # lines waiting to be taken
+        self.busy_lines = 0  # lines being decoded now
+        self.cycles = 0
+        self._thread = threading.Thread(target=self._run, name="serve-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queues the job; QueueFull when its lines do not fit. Empty jobs finish at once."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is stopping")
+            if self.queued_lines + len(job.lines) > self.max_queue_lines and self.queued_lines:
+                raise QueueFull(f"{self.queued_lines} lines are waiting (at most {self.max_queue_lines})")
+            if not job.lines:
+                _finish(job)
+                return
+            self._jobs.append(job)
+            self.queued_lines += len(job.lines)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drops the job's lines not yet taken (its client has gone or timed out)."""
+        with self._cond:
+            job.cancelled = True
+            if job in self._jobs:
+                self._jobs.remove(job)
+                self.queued_lines -= job.waiting()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Lets the worker finish what is queued, then ends it."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker
+
+    def _take(self) -> list[tuple[Job, int, int]] | None:
+        """(job, first line, end line) slices of one cycle, or None when stopping with nothing queued."""
+        with self._cond:
+            while not self._jobs or (self.hold is not None and self.hold()):
+                if self._stopping and not self._jobs:
+                    return None
+                self._cond.wait(0.01 if self.hold is not None else None)
+            deadline = self._jobs[0].arrived + self.max_wait
+            while (sum(sum(j.costs[j.next_line:]) for j in self._jobs) < self.budget and not self._stopping
+                   and (left := deadline - time.monotonic()) > 0):
+                self._cond.wait(left)
+            key = self._jobs[0].key
+            same = [j for j in self._jobs if j.key == key]
+            taken = {j.id: j.next_line for j in same}
+            spent = 0
+
+            def fits(j: Job) -> bool:
+                return j.next_line < len(j.lines) and (spent == 0 or spent + j.costs[j.next_line] <= self.budget)
+
+            for _ in range(FAIR_SHARE):  # a line of each job in turn, up to FAIR_SHARE each
+                turn = [j for j in same if fits(j)]
+                for j in turn:
+                    if fits(j):
+                        spent += j.costs[j.next_line]
+                        j.next_line += 1
+                if not turn:
+                    break
+            for j in same:  # then whatever fits, in arrival order
+                while fits(j):
+                    spent += j.costs[j.next_line]
+                    j.next_line += 1
+            slices = [(j, taken[j.id], j.next_line) for j in same if j.next_line > taken[j.id]]
+            for j, start, end in slices:
+                self.queued_lines -= end - start
+                self.busy_lines += end - start
+                if j.next_line == len(j.lines):
+                    self._jobs.remove(j)
+            return slices
+
+    def _run(self) -> None:
+        while (slices := self._take()) is not None:
+            first = slices[0][0]
+            lines = [line for j, a, b in slices for line in j.lines[a:b]]
+            prefixes = None if first.prefixes is None else [p for j, a, b in slices for p in j.prefixes[a:b]]
+            try:
+                results = self.translate(lines, first.settings, prefixes, first.alignment,
+                                         first_line=slices[0][1] + 1)
+                error = None
+            except Exception as e:  # noqa: BLE001 (answered to these requests; the server goes on)
+                results, error = [None] * len(lines), e
+            offset = 0
+            with self._cond:
+                self.cycles += 1
+                for j, a, b in slices:
+                    j.results[a:b] = results[offset: offset + b - a]
+                    offset += b - a
+                    j.remaining -= b - a
+                    self.busy_lines -= b - a
+                    if error is not None:  # the job fails whole; its lines not yet taken are dropped
+                        if j in self._jobs:
+                            self._jobs.remove(j)
+                            self.queued_lines -= j.waiting()
+                            j.next_line = len(j.lines)
+                        j.error = error
+                        _finish(j)
+                    elif j.remaining == 0:
+                        _finish(j)
+
+
+def _finish(job: Job) -> None:
+    if job.on_done is not None and not job.cancelled:
+        job.on_done(job)

@@ -1,0 +1,105 @@
+"""The server's model: a run loaded once, and the only place the server calls the Translator API.
+
+Everything the HTTP side needs (languages, search settings, translation of a list of lines,
+attention weights, the count of compiled programs) goes through `Engine`, so a change to the
+translation modules touches this file only. Lines are translated exactly as `transformer-mt
+translate` translates the lines of a file: the same cleaning, the same search, the same output
+text.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+
+from transformer_mt import data as data_lib
+from transformer_mt.alignment import align_hypotheses
+from transformer_mt.rundir import load_run
+from transformer_mt.search import SearchSettings, Translator, settings_from
+from transformer_mt.textio import clean_line
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    text: str
+    score: float
+    alignment: str | None = None  # 'i-j ...' when asked for
+
+
+class ProgramCounter:
+    """Counts the XLA programs this process compiled or loaded from the persistent cache: after
+    warm-up the count must stay put (a new shape means a compile in the middle of serving)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        if event == self.EVENT:
+            with self._lock:
+                self.count += 1
+
+
+class Engine:
+    """A trained run, ready to translate lines with any search settings the run allows."""
+
+    def __init__(self, run_dir: str, step: int | None = None, last: bool = False):
+        self.programs = ProgramCounter()
+        cfg, graphdef, params, tok, step, mesh = load_run(run_dir, step, last)
+        self.cfg, self.params, self.step = cfg, params, step
+        self.translator = Translator(cfg, graphdef, tok, mesh)
+        self.src_lang, self.tgt_lang = cfg.data.src_lang, cfg.data.tgt_lang
+        self.default_beam = cfg.decode.beam_size
+        self.devices = len(mesh.devices.flat)
+
+    def settings(self, **overrides) -> SearchSettings:
+        """Search settings from the run's config with overrides (None = default); ConfigError when invalid."""
+        return settings_from(self.cfg, **overrides)
+
+    def padded_tokens(self, lines: Sequence[str]) -> list[int]:
+        """Source tokens each line costs in a decoding batch: its length rounded up to its bucket
+        (0 for an empty line, which is not decoded)."""
+        buckets = self.translator.buckets
+        out = []
+        for ids in self.translator.tok.encode_src([clean_line(s) for s in lines]):
+            out.append(0 if len(ids) <= 1 else data_lib.bucket_for(min(len(ids), buckets[-1]), buckets))
+        return out
+
+    def translate(self, lines: Sequence[str], settings: SearchSettings, prefixes: Sequence[str] | None = None,
+                  alignment: bool = False, first_line: int = 1) -> list[list[Hypothesis]]:
+        """settings.nbest hypotheses per line, best first, as `translate` writes them for these lines
+        of a file whose first line is number first_line (which seeds sampling)."""
+        results = self.translator.translate_lines(self.params, lines, settings, name="request", first_line=first_line,
+                                                  prefixes=prefixes)
+        aligned = align_hypotheses(self.translator, self.params, lines, results) if alignment else None
+        return [[Hypothesis(text, score, aligned[k][h] if aligned else None) for h, (text, score) in enumerate(hyps)]
+                for k, hyps in enumerate(results)]
+
+    def attention(self, source: str, translation: str) -> dict:
+        """The last decoder layer's cross-attention (mean over heads) of the pair, as pieces and rows:
+        {"source": pieces + </s>, "target": pieces + </s>, "weights": [target][source]}."""
+        tok = self.translator.tok
+        src_ids = tok.encode_src([clean_line(source)])[0]
+        tgt_ids = tok.encode_tgt([translation])[0]
+        if len(src_ids) <= 1 or not tgt_ids:
+            return {"source": [], "target": [], "weights": []}
+        weights = self.translator.attention_weights(self.params, [src_ids], [tgt_ids], alignment_only=True)[0]
+        return {"source": [tok.src.id_to_piece(i) for i in src_ids[:-1]] + ["</s>"],
+                "target": [tok.tgt.id_to_piece(i) for i in tgt_ids] + ["</s>"],
+                "weights": [[round(float(w), 4) for w in row] for row in weights]}
+
+    def warm_up(self, settings: Sequence[SearchSettings]) -> None:
+        """Compiles (or loads from the compile cache) the programs of one-line requests with these
+        settings, for a short and a long sentence, so the first clients do not wait for them."""
+        lines = ["A man .", "Two young children are playing in the sand ."]
+        fits = [line for line, ids in zip(lines, self.translator.tok.encode_src(lines))
+                if len(ids) <= self.translator.buckets[-1]]
+        for s in settings:
+            for line in fits:
+                self.translate([line], s)
