@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from transformer_mt import data as data_lib
 from transformer_mt import decode as decode_lib
+from transformer_mt import matmul
 from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt.config import Config, ConfigError
@@ -47,6 +48,7 @@ class SearchSettings:
     sampling: str = ""  # "" (search), "topk:K" or "topp:P"; draws nbest samples per sentence
     temperature: float = 1.0  # sampling only
     seed: int = 0  # sampling only: the same seed draws the same samples
+    precision: str = "float32"  # matmul inputs: float32 (exact), bf16 or int8 (matmul.decoding_inputs)
 
     def sampler_args(self) -> tuple[int, float] | None:
         """(top_k, top_p) when sampling, else None."""
@@ -70,9 +72,12 @@ class SearchSettings:
 def settings_from(cfg: Config, **overrides) -> SearchSettings:
     d = cfg.decode
     base = dict(beam_size=d.beam_size, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
-                max_len_cap=d.max_len_cap, batch_tokens=d.batch_tokens)
+                max_len_cap=d.max_len_cap, batch_tokens=d.batch_tokens, precision=d.precision)
     base.update({k: v for k, v in overrides.items() if v is not None})
+    base["precision"] = matmul.resolve_precision(base["precision"])
     s = SearchSettings(**base)
+    if s.precision not in matmul.PRECISIONS:
+        raise ConfigError(f"--precision must be one of auto, {', '.join(matmul.PRECISIONS)}; got {s.precision!r}")
     if s.beam_size < 1:
         raise ConfigError(f"beam size must be >= 1, got {s.beam_size}")
     if s.sampling:
@@ -89,24 +94,28 @@ def settings_from(cfg: Config, **overrides) -> SearchSettings:
 
 
 def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                    sampler: tuple[float, int, float] | None = None):
+                    sampler: tuple[float, int, float] | None = None, precision: str = "float32"):
     """jit(encode + search); see _compiled_search (one cache key however the arguments are passed)."""
-    return _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler)
+    return _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                     sampler: tuple[float, int, float] | None):
+                     sampler: tuple[float, int, float] | None, precision: str):
     """jit(encode + search) for one model structure and search setting, shared by every Translator
     in the process (validation BLEU during training, then `translate`).
 
     The program takes (params, src [B, S], max_lens [B], prefix [B, P], prefix_lens [B], row_ids
     [B], seed); prefix (P may be 0) holds target tokens forced first; row_ids and seed give each
     sentence its own random stream when sampling (temperature, top_k, top_p = sampler): nbest
-    draws per sentence, best first.
+    draws per sentence, best first. precision: the matmuls' inputs (matmul.decoding_inputs).
     """
 
-    def search(params, src, max_lens, prefix, prefix_lens, row_ids, seed):
+    def search(*args):
+        with matmul.decoding_inputs(precision):  # read while tracing
+            return _search(*args)
+
+    def _search(params, src, max_lens, prefix, prefix_lens, row_ids, seed):
         model = nnx.merge(graphdef, params)
         prefix = prefix if prefix.shape[1] else None
         if sampler is not None:  # nbest independent draws: one row each
@@ -190,7 +199,7 @@ class Translator:
                 row_ids[r] = first_index + i
             max_steps = settings.max_steps(length) + width
             fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest, max_steps,
-                                 sampler)
+                                 sampler, settings.precision)
             batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
                                                    "prefix_lens": prefix_lens, "row_ids": row_ids})
             tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"], batch["prefix"],
@@ -289,7 +298,7 @@ def _settings_from_args(cfg: Config, args) -> SearchSettings:
     return settings_from(cfg, beam_size=args.beam, alpha=args.alpha, max_len_a=args.max_len_a,
                          max_len_b=args.max_len_b, batch_tokens=args.batch_tokens,
                          nbest=getattr(args, "nbest", 1), sampling=args.sampling, temperature=args.temperature,
-                         seed=args.seed)
+                         seed=args.seed, precision=getattr(args, "precision", None))
 
 
 MAX_LINE_WARNINGS = 10
