@@ -26,8 +26,9 @@ import time
 import jax
 
 from bench_util import CompileCounter
-from transformer_mt import translate as tr
-from transformer_mt.textio import read_lines
+from transformer_mt.rundir import load_run
+from transformer_mt.search import Translator, settings_from
+from transformer_mt.textio import clean_line, read_lines
 
 
 def output_tokens(results) -> int:
@@ -52,7 +53,7 @@ def measure(translator, params, ids, lines, settings_list, passes, counter):
     out = []
     for k, settings in enumerate(settings_list):
         t0 = time.perf_counter()
-        tr.translate_lines(translator, params, lines, settings, progress=False)
+        translator.translate_lines(params, lines, settings, progress=False)
         end_to_end = time.perf_counter() - t0
         seconds = statistics.median(times[k])
         tokens = output_tokens(results[k])
@@ -93,11 +94,11 @@ def main() -> None:
     if compile_cache is not None:
         compile_cache.enable(disabled=not args.compile_cache)
     counter = CompileCounter()
-    cfg, graphdef, params, tok, step, mesh = tr.load_run(args.checkpoint)
+    cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint)
     source = args.source or cfg.data.test_files[0]
     lines = read_lines(source)[: args.sentences]
-    ids = tok.encode_src([tr.clean_line(s) for s in lines])
-    translator = tr.Translator(cfg, graphdef, tok, mesh)
+    ids = tok.encode_src([clean_line(s) for s in lines])
+    translator = Translator(cfg, graphdef, tok, mesh)
     settings = []
     if args.fixed:
         settings.append((f"fixed{args.fixed}", dict(max_len_a=0.0, max_len_b=args.fixed)))
@@ -109,7 +110,7 @@ def main() -> None:
           file=sys.stderr)
     for name, overrides in settings:
         for beam in (int(b) for b in args.beams.split(",")):
-            many = [tr.settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, precision=precision,
+            many = [settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, precision=precision,
                                      **overrides) for precision in args.precisions.split(",")]
             search = "greedy" if beam == 1 else f"beam{beam}"
             for r in measure(translator, params, ids, lines, many, args.passes, counter):

@@ -12,7 +12,8 @@ import argparse
 import json
 import time
 
-from transformer_mt import translate as tr
+from transformer_mt.rundir import load_run
+from transformer_mt.search import Translator, settings_from
 from transformer_mt.metrics import corpus_scores
 from transformer_mt.textio import read_lines
 
@@ -28,16 +29,16 @@ def main() -> None:
     from transformer_mt.sharding import split_cpu
 
     split_cpu(args.cpu_devices)
-    cfg, graphdef, params, tok, step, mesh = tr.load_run(args.checkpoint, args.step, False)
+    cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, False)
     src_file, ref_file = cfg.data.test_files
     sources, refs = read_lines(src_file), read_lines(ref_file)
-    translator = tr.Translator(cfg, graphdef, tok, mesh)
+    translator = Translator(cfg, graphdef, tok, mesh)
     for beam in (int(b) for b in args.beams.split(",")):
         reference = None
         for precision in args.precisions.split(","):
-            settings = tr.settings_from(cfg, beam_size=beam, precision=precision)
+            settings = settings_from(cfg, beam_size=beam, precision=precision)
             t0 = time.perf_counter()
-            hyps = [h[0][0] for h in tr.translate_lines(translator, params, sources, settings, progress=False)]
+            hyps = [h[0][0] for h in translator.translate_lines(params, sources, settings, progress=False)]
             seconds = time.perf_counter() - t0
             reference = hyps if reference is None else reference
             scores = corpus_scores(hyps, refs)

@@ -20,7 +20,7 @@ from transformer_mt import compile_cache
 from transformer_mt import data as data_lib
 from transformer_mt import rundir
 from transformer_mt.metrics import corpus_scores
-from transformer_mt.translate import Translator
+from transformer_mt.search import Translator
 
 
 def step_times(run: Path) -> dict[int, float]:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import cli, cli_here
-from transformer_mt import translate as tr
 from transformer_mt.alignment import piece_words, word_alignment
-from transformer_mt.attention import compiled_attention, plot_attention, teacher_forced_weights
+from transformer_mt.attention import plot_attention
+from transformer_mt.teacher_forcing import compiled_attention, teacher_forced_weights
+from transformer_mt.translate import format_hypotheses
 from transformer_mt.tokenizer import BOS_ID, PAD_ID
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -166,10 +167,10 @@ def test_word_alignment_sums_source_pieces_and_averages_target_pieces():
 
 
 def test_format_appends_the_alignment_to_every_line():
-    assert tr._format(3, [("Ein Hund", -1.0)], 1, ["0-0 1-1"]) == ["Ein Hund ||| 0-0 1-1"]
-    assert tr._format(3, [("a b", -1.0), ("c", -2.5)], 2, ["0-0 1-1", "0-0"]) == [
+    assert format_hypotheses(3, [("Ein Hund", -1.0)], 1, ["0-0 1-1"]) == ["Ein Hund ||| 0-0 1-1"]
+    assert format_hypotheses(3, [("a b", -1.0), ("c", -2.5)], 2, ["0-0 1-1", "0-0"]) == [
         "3 ||| a b ||| -1.0000 ||| 0-0 1-1", "3 ||| c ||| -2.5000 ||| 0-0"]
-    assert tr._format(3, [("Ein Hund", -1.0)], 1) == ["Ein Hund"]
+    assert format_hypotheses(3, [("Ein Hund", -1.0)], 1) == ["Ein Hund"]
 
 
 def test_translate_alignment_pairs_are_within_the_words(trained_run, tmp_path):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from transformer_mt import cli, matmul
-from transformer_mt import translate as tr
+from transformer_mt import search
 from transformer_mt.config import ConfigError, ModelConfig
 from transformer_mt.model import Transformer
 
@@ -55,7 +55,7 @@ def test_precision_changes_only_the_linear_and_output_matmuls(beam):
     graphdef, params = nnx.split(Transformer(cfg, 40, 40, nnx.Rngs(0)), nnx.Param)
     args = (params, jnp.ones((2, 8), jnp.int32), jnp.full((2,), 9, jnp.int32), jnp.zeros((2, 0), jnp.int32),
             jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), np.uint32(0))
-    dots = {p: _dots(jax.make_jaxpr(tr.compiled_search(graphdef, beam, 0.6, 1, 9, None, p))(*args).jaxpr)
+    dots = {p: _dots(jax.make_jaxpr(search.compiled_search(graphdef, beam, 0.6, 1, 9, None, p))(*args).jaxpr)
             for p in ("float32", "bf16", "int8")}
     assert set(dots["float32"]) == {("float32", "float32")}
     for precision, dtype in (("bf16", "bfloat16"), ("int8", "int8")):
@@ -70,20 +70,20 @@ def test_precision_option_reaches_the_search(loaded_run):
     translations mostly agree."""
     cfg, graphdef, params, tok, mesh = loaded_run
     args = cli.build_parser().parse_args(["translate", "--checkpoint", "run", "--precision", "int8", "--beam", "1"])
-    assert tr._settings_from_args(cfg, args).precision == "int8"
-    assert tr.settings_from(cfg).precision == "float32"  # the tests' config pins it
-    assert tr.settings_from(cfg, precision="auto").precision == matmul.resolve_precision("auto")
+    assert search.settings_from_args(cfg, args).precision == "int8"
+    assert search.settings_from(cfg).precision == "float32"  # the tests' config pins it
+    assert search.settings_from(cfg, precision="auto").precision == matmul.resolve_precision("auto")
     with pytest.raises(ConfigError, match="--precision"):
-        tr.settings_from(cfg, precision="fp8")
-    translator = tr.Translator(cfg, graphdef, tok, mesh)
+        search.settings_from(cfg, precision="fp8")
+    translator = search.Translator(cfg, graphdef, tok, mesh)
     ids = tok.encode_src(["A man is riding a bike .", "Two dogs play in the snow .", "A woman is walking ."])
-    out = {p: translator.translate_ids(params, ids, tr.settings_from(cfg, beam_size=2, precision=p))
+    out = {p: translator.translate_ids(params, ids, search.settings_from(cfg, beam_size=2, precision=p))
            for p in ("float32", "bf16", "int8")}
     scores = {p: [h[0][1] for h in r] for p, r in out.items()}
     assert scores["bf16"] != scores["float32"] and scores["int8"] != scores["float32"]
     assert scores["int8"] != scores["bf16"]
     np.testing.assert_allclose(scores["bf16"], scores["float32"], rtol=0.05)
-    again = translator.translate_ids(params, ids, tr.settings_from(cfg, beam_size=2, precision="float32"))
+    again = translator.translate_ids(params, ids, search.settings_from(cfg, beam_size=2, precision="float32"))
     assert again == out["float32"]  # float32 is deterministic: the differences above are the precision's
 
 

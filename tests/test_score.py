@@ -5,7 +5,8 @@ import math
 import pytest
 
 from conftest import cli_here
-from transformer_mt.score import Scorer, compiled_score
+from transformer_mt.search import Translator
+from transformer_mt.teacher_forcing import compiled_score
 
 PAIRS = [
     ("A man is riding a bike .", "Ein Mann fährt Fahrrad ."),
@@ -26,18 +27,19 @@ def loaded(loaded_run):
 
 def test_batch_scores_equal_each_line_alone(loaded):
     cfg, graphdef, params, tok, mesh = loaded
-    scorer = Scorer(cfg, graphdef, mesh, batch_tokens=64)  # 4 rows of 16: several batches, and a 32 shape
+    translator = Translator(cfg, graphdef, tok, mesh)
+    batch_tokens = 64  # 4 rows of 16: several batches, and a 32 shape
     src = tok.encode_src([s for s, _ in PAIRS])
     tgt = tok.encode_tgt([t for _, t in PAIRS])
     assert max(len(s) for s in src) > cfg.data.bucket_lengths[-1]  # one pair longer than every bucket
     compiled = compiled_score(graphdef)._cache_size()
-    totals, counts = scorer.score_ids(params, src, tgt)
+    totals, counts = translator.score_ids(params, src, tgt, batch_tokens)
     assert compiled_score(graphdef)._cache_size() - compiled <= 2  # one program per shape: [4, 16], [2, 32]
     assert list(counts) == [len(t) + 1 for t in tgt]  # EOS counted; an empty target is EOS alone
     assert all(math.isfinite(t) and t < 0 for t in totals)
     assert totals[0] == totals[5]  # duplicates score alike, wherever they land
     for i in range(len(PAIRS)):
-        alone, n = scorer.score_ids(params, [src[i]], [tgt[i]])
+        alone, n = translator.score_ids(params, [src[i]], [tgt[i]], batch_tokens)
         assert n[0] == counts[i]
         assert alone[0] == pytest.approx(totals[i], abs=1e-4), PAIRS[i]
     assert compiled_score(graphdef)._cache_size() - compiled <= 2  # alone: the same shapes again
@@ -52,7 +54,7 @@ def test_cli_score_one_line_per_input_line(loaded, trained_run, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     rows = [[float(x) for x in line.split("\t")] for line in r.stdout.decode().splitlines()]
     assert len(rows) == len(PAIRS) and all(len(row) == 3 for row in rows)
-    totals, counts = Scorer(cfg, graphdef, mesh).score_ids(
+    totals, counts = Translator(cfg, graphdef, tok, mesh).score_ids(
         params, tok.encode_src([s for s, _ in PAIRS]), tok.encode_tgt([t for _, t in PAIRS]))
     for (total, per_token, normalised), t, n in zip(rows, totals, counts):
         assert total == pytest.approx(t, abs=1e-3)

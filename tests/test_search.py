@@ -13,7 +13,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from transformer_mt import decode as decode_lib
 from transformer_mt import rundir
-from transformer_mt import translate as tr
+from transformer_mt import decode_batches
+from transformer_mt import search
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 SENTENCES = [
@@ -31,7 +32,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def run(trained_run):
     cfg, graphdef, params, tok, step, mesh = rundir.load_run(trained_run)
-    return cfg, graphdef, params, tok, tr.Translator(cfg, graphdef, tok, mesh)
+    return cfg, graphdef, params, tok, search.Translator(cfg, graphdef, tok, mesh)
 
 
 def reference_search(graphdef, params, src, beam, max_steps, nbest, alpha):
@@ -71,7 +72,7 @@ def test_fast_search_equals_recomputing_reference(run, beam, nbest):
     for r, seq in enumerate(ids):
         src[r, : len(seq)] = seq
     max_steps = 12
-    fast = tr.compiled_search(graphdef, beam, 0.6, nbest, max_steps)
+    fast = search.compiled_search(graphdef, beam, 0.6, nbest, max_steps)
     n = len(ids)
     no_prefix = np.zeros((n, 0), np.int32)
     tokens, scores = fast(params, src, np.full((n,), max_steps, np.int32), no_prefix, np.zeros((n,), np.int32),
@@ -88,7 +89,7 @@ def test_sentence_alone_equals_sentence_in_any_batch(run, beam):
     """Row count, source padding and neighbours change nothing: same tokens, same scores."""
     cfg, graphdef, params, tok, translator = run
     ids = tok.encode_src(SENTENCES)
-    settings = tr.settings_from(cfg, beam_size=beam, nbest=min(beam, 2))
+    settings = search.settings_from(cfg, beam_size=beam, nbest=min(beam, 2))
     alone = [translator.translate_ids(params, [seq], settings)[0] for seq in ids]
     rng = np.random.default_rng(beam)
     order = rng.permutation(len(ids))
@@ -108,18 +109,18 @@ def test_compiled_programs_are_bounded_for_mixed_lengths(run):
     cfg, graphdef, params, tok, _ = run
     buckets = [4, 8, 12, 16]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, bucket_lengths=buckets))
-    translator = tr.Translator(cfg, graphdef, tok)
+    translator = search.Translator(cfg, graphdef, tok)
     rng = np.random.default_rng(0)
     words = "a man dog runs in the park with two red kids play snow".split()
     lines = [" ".join(rng.choice(words, rng.integers(1, 14))) for _ in range(150)]
-    settings = tr.settings_from(cfg, beam_size=1, batch_tokens=128, max_len_a=0.0, max_len_b=6)
-    fn = tr.compiled_search(graphdef, 1, float(settings.alpha), 1, 6)
+    settings = search.settings_from(cfg, beam_size=1, batch_tokens=128, max_len_a=0.0, max_len_b=6)
+    fn = search.compiled_search(graphdef, 1, float(settings.alpha), 1, 6)
     before = fn._cache_size()
-    out = tr.translate_lines(translator, params, lines, settings, progress=False)
+    out = translator.translate_lines(params, lines, settings, progress=False)
     assert len(out) == len(lines)
     ids = [translator._fit(s) for s in tok.encode_src(lines)]
     lengths = sorted(len(s) for s in ids if len(s) > 1)
-    shapes = {(length, rows) for length, rows, _ in tr.plan_batches(lengths, buckets, 128)}
+    shapes = {(length, rows) for length, rows, _ in decode_batches.plan_batches(lengths, buckets, 128)}
     programs = fn._cache_size() - before
     assert programs <= len(shapes) <= 12, f"{programs} programs for {len(lines)} lines of mixed lengths"
 
@@ -130,12 +131,12 @@ def test_compiled_programs_are_bounded_for_mixed_lengths(run):
 def test_batch_plan_is_tight_and_complete(lengths, batch_tokens, multiple):
     lengths = sorted(lengths)
     buckets = [8, 16, 24, 32, 40]
-    plan = tr.plan_batches(lengths, buckets, batch_tokens, multiple)
+    plan = decode_batches.plan_batches(lengths, buckets, batch_tokens, multiple)
     assert sorted(i for _, _, chunk in plan for i in chunk) == list(range(len(lengths)))
     for length, rows, chunk in plan:
         assert all(lengths[i] <= length for i in chunk) and length in buckets
         assert rows >= len(chunk) and rows % multiple == 0
-        assert rows == -(-tr.row_bucket(len(chunk)) // multiple) * multiple
+        assert rows == -(-decode_batches.row_bucket(len(chunk)) // multiple) * multiple
         if multiple == 1:
             assert 3 * (rows - len(chunk)) <= rows  # at most a third of a batch is padding
         assert len(chunk) == 1 or len(chunk) * length <= batch_tokens
@@ -182,12 +183,10 @@ def test_cli_sampling_and_prefixes(trained_run, tmp_path):
 
 
 def test_score_of_a_greedy_translation_is_its_search_score(run):
-    """Teacher forcing (score.py) and incremental decoding (this search) are two computations of
-    the same log-probability."""
-    from transformer_mt.score import Scorer
-
+    """Teacher forcing (teacher_forcing.py) and incremental decoding (this search) are two
+    computations of the same log-probability."""
     cfg, graphdef, params, tok, translator = run
     ids = tok.encode_src(SENTENCES)
-    greedy = translator.translate_ids(params, ids, tr.settings_from(cfg, beam_size=1))
-    total, _ = Scorer(cfg, graphdef).score_ids(params, ids, [h[0][0] for h in greedy])
+    greedy = translator.translate_ids(params, ids, search.settings_from(cfg, beam_size=1))
+    total, _ = translator.score_ids(params, ids, [h[0][0] for h in greedy])
     np.testing.assert_allclose(total, [h[0][1] for h in greedy], atol=1e-4)

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ROOT, cli, cli_here
 from transformer_mt import rundir
-from transformer_mt import translate as tr
+from transformer_mt import search
+from transformer_mt.translate import translate_stream
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import hostile_translate  # noqa: E402
@@ -39,19 +40,19 @@ def test_training_validates_bleu_and_keeps_best(trained_run):
 @pytest.fixture(scope="module")
 def loaded(trained_run):
     cfg, graphdef, params, tok, step, mesh = rundir.load_run(trained_run)
-    return cfg, tr.Translator(cfg, graphdef, tok, mesh), params
+    return cfg, search.Translator(cfg, graphdef, tok, mesh), params
 
 
 def test_line_count_order_and_empty_lines(loaded):
     cfg, translator, params = loaded
-    settings = tr.settings_from(cfg, beam_size=2, batch_tokens=64)  # several batches and buckets
-    out = tr.translate_lines(translator, params, SOURCES, settings, progress=False)
+    settings = search.settings_from(cfg, beam_size=2, batch_tokens=64)  # several batches and buckets
+    out = translator.translate_lines(params, SOURCES, settings, progress=False)
     assert len(out) == len(SOURCES)
     texts = [h[0][0] for h in out]
     assert texts[1] == "" and texts[4] == ""
     assert texts[0] == texts[3]  # duplicates translate alike, wherever they land in the batches
     assert all(t for i, t in enumerate(texts) if i not in (1, 4))
-    alone = [h[0][0] for h in tr.translate_lines(translator, params, [SOURCES[2]], settings, progress=False)]
+    alone = [h[0][0] for h in translator.translate_lines(params, [SOURCES[2]], settings, progress=False)]
     assert alone[0] == texts[2]  # same result alone as in a mixed batch: order restored
 
 
@@ -59,8 +60,8 @@ def test_beam_never_scores_below_greedy(loaded):
     cfg, translator, params = loaded
     sentences = [s for s in SOURCES if s.strip()]
     ids = translator.tok.encode_src(sentences)
-    greedy = translator.translate_ids(params, ids, tr.settings_from(cfg, beam_size=1), progress=False)
-    beam = translator.translate_ids(params, ids, tr.settings_from(cfg, beam_size=4, alpha=0.0), progress=False)
+    greedy = translator.translate_ids(params, ids, search.settings_from(cfg, beam_size=1), progress=False)
+    beam = translator.translate_ids(params, ids, search.settings_from(cfg, beam_size=4, alpha=0.0), progress=False)
     for g, b in zip(greedy, beam):
         # beam returns log-prob / lp with alpha=0, i.e. the model score; greedy the same sum.
         assert b[0][1] >= g[0][1] - 1e-4
@@ -142,7 +143,7 @@ def test_hostile_bytes_keep_one_line_per_input(loaded, tmp_path_factory, lines, 
     src = tmp_path_factory.mktemp("hostile") / "src.txt"
     src.write_bytes(raw)
     out = src.with_name("out.txt")
-    n = tr.translate_stream(translator, params, tr.settings_from(cfg, beam_size=1), str(src), str(out))
+    n = translate_stream(translator, params, search.settings_from(cfg, beam_size=1), str(src), str(out))
     produced = out.read_bytes()
     assert n == expected and produced.count(b"\n") == expected and (produced.endswith(b"\n") or not produced)
     produced.decode("utf-8")  # valid UTF-8 out, whatever came in
@@ -161,7 +162,7 @@ def test_hostile_file_through_a_pipe_and_a_file(trained_run, tmp_path, capsys):
     named = [int(w.split(" line ")[1].split(":")[0]) for w in err.splitlines() if "invalid UTF-8" in w]
     assert named == bad_utf8  # one warning per bad line, naming it, across stdin chunks
     long_warnings = [w for w in err.splitlines() if "tokens, longer than" in w]
-    assert 0 < len(long_warnings) <= tr.MAX_LINE_WARNINGS
+    assert 0 < len(long_warnings) <= search.MAX_LINE_WARNINGS
     assert "were longer than 16 tokens" in err and "Traceback" not in err
     out = tmp_path / "out.txt"
     r = cli_here("translate", "--checkpoint", str(trained_run), "-i", str(src), "-o", str(out))

@@ -8,7 +8,7 @@ a SentencePiece piece starting with ▁ begins a word. Pairs are written `i-j` (
 target word j), as Pharaoh / fairseq print them, in target order.
 
 The weights come from one teacher-forcing pass over (source, translation) after decoding, the
-translation tokenized again from its text (attention.teacher_forced_weights).
+translation tokenized again from its text (search.Translator.attention_weights).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from transformer_mt.attention import teacher_forced_weights
+from transformer_mt.textio import clean_line
 from transformer_mt.tokenizer import EOS_ID
-from transformer_mt.translate import clean_line
 
 SEPARATOR = " ||| "
 
@@ -70,15 +69,15 @@ def _pieces(sp, texts: Sequence[str], ids: Sequence[Sequence[int]]) -> list[list
 
 
 def align_texts(translator, params, sources: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """'i-j i-j ...' for each (cleaned source, target) text pair; '' when either has no words."""
+    """'i-j i-j ...' for each (cleaned source, target) text pair; '' when either has no words.
+    translator: a search.Translator."""
     tok = translator.tok
     src_ids = [ids[:-1] for ids in tok.encode_src(sources)]  # without EOS
     tgt_ids = tok.encode_tgt(targets)
     src_pieces, tgt_pieces = _pieces(tok.src, sources, src_ids), _pieces(tok.tgt, targets, tgt_ids)
     todo = [k for k in range(len(sources)) if src_ids[k] and tgt_ids[k]]
-    weights = teacher_forced_weights(translator.graphdef, params, translator.mesh, translator.buckets,
-                                     translator.cfg.data.batch_tokens, [src_ids[k] + [EOS_ID] for k in todo],
-                                     [tgt_ids[k] for k in todo], alignment_only=True)
+    weights = translator.attention_weights(params, [src_ids[k] + [EOS_ID] for k in todo], [tgt_ids[k] for k in todo],
+                                           alignment_only=True)
     out = [""] * len(sources)
     for k, w in zip(todo, weights):
         pairs = word_alignment(w, piece_words(src_pieces[k]), piece_words(tgt_pieces[k]))
@@ -91,7 +90,7 @@ def align_texts(translator, params, sources: Sequence[str], targets: Sequence[st
 
 def align_hypotheses(translator, params, lines: Sequence[str], results: Sequence[Sequence[tuple[str, float]]]
                      ) -> list[list[str]]:
-    """An alignment per hypothesis of translate_lines' n-best `results` for input `lines`."""
+    """An alignment per hypothesis of Translator.translate_lines' n-best `results` for input `lines`."""
     pairs = [(k, h) for k, hyps in enumerate(results) for h in range(len(hyps))]
     sources = [clean_line(lines[k]) for k, _ in pairs]
     aligned = align_texts(translator, params, sources, [results[k][h][0] for k, h in pairs])

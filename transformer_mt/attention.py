@@ -1,107 +1,29 @@
 """`attention`: the attention weights of one sentence pair, drawn as a grid of heatmaps.
 
-The weights come from one teacher-forcing pass (the model's `encode`/`decode` with
-return_weights), over the model's own greedy translation or a given target. Row t of a decoder
-panel is the step that outputs target piece t (the last row outputs </s>), as in alignment
-tools; `translate --alignment` (alignment.py) reads the same pass. matplotlib is an optional
-extra (`pip install 'transformer_mt[plot]'`).
+The weights come from one teacher-forcing pass (Translator.attention_weights), over the model's
+own greedy translation or a given target. Row t of a decoder panel is the step that outputs
+target piece t (the last row outputs </s>), as in alignment tools; `translate --alignment`
+(alignment.py) reads the same pass. matplotlib is an optional extra
+(`pip install 'transformer_mt[plot]'`).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from transformer_mt import data as data_lib
-from transformer_mt import sharding
 from transformer_mt.config import ConfigError
 from transformer_mt.rundir import load_run
+from transformer_mt.search import Translator, settings_from
+from transformer_mt.textio import clean_line
 from transformer_mt.tokenizer import EOS_ID
-from transformer_mt.translate import Translator, clean_line, settings_from
 
 EXTRA_HINT = "pip install 'transformer_mt[plot]'"
 MAX_PLOT_TOKENS = 100  # per side: beyond this the labels of a panel cannot be read anyway
-
-
-def attention_pass(model, src, tgt_in) -> dict[str, jax.Array]:
-    """Teacher forcing over src [B, S] and tgt_in [B, T] (BOS first) -> float32 weights
-    {"encoder": [Le, B, H, S, S], "decoder": [Ld, B, H, T, T], "cross": [Ld, B, H, T, S]}."""
-    encoded, src_mask, encoder = model.encode(src, return_weights=True)
-    _, decoder = model.decode(tgt_in, encoded, src_mask, return_weights=True)
-    return {"encoder": jnp.stack(encoder), "decoder": jnp.stack(decoder["self"]),
-            "cross": jnp.stack(decoder["cross"])}
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_attention(graphdef, alignment_only: bool = False):
-    """jit(attention_pass) for one model structure; one compile per batch shape. alignment_only
-    returns just the last decoder layer's cross-attention averaged over heads, [B, T, S]: what
-    alignments read, a fraction of the weights to copy off the device."""
-
-    def run(params, src, tgt_in):
-        weights = attention_pass(nnx.merge(graphdef, params), src, tgt_in)
-        return weights["cross"][-1].mean(axis=1) if alignment_only else weights
-
-    return jax.jit(run)
-
-
-def padded_length(length: int, buckets: Sequence[int]) -> int:
-    """The training bucket that holds `length`; longer pairs round up to a multiple of the
-    largest bucket (one more compile each, but nothing is cut)."""
-    if length <= buckets[-1]:
-        return data_lib.bucket_for(length, buckets)
-    return -(-length // buckets[-1]) * buckets[-1]
-
-
-def _rows(n: int, multiple: int) -> int:
-    """Batch rows for n pairs: a power of two (few shapes, sized to the work: a single pair is not
-    padded to a full batch), rounded up to a multiple of the data-parallel size."""
-    rows = 1 << max(n - 1, 0).bit_length()
-    return -(-rows // multiple) * multiple
-
-
-def teacher_forced_weights(graphdef, params, mesh, buckets: Sequence[int], batch_tokens: int,
-                           src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
-                           alignment_only: bool = False) -> list:
-    """The weights of each (source, target) pair, padding cut away, in input order.
-
-    src_ids end with EOS (as Tokenizer.encode_src gives them); tgt_ids have neither BOS nor EOS.
-    Pairs are sorted by length and batched in the buckets of training, up to batch_tokens each.
-    Per pair: the dict of attention_pass without the batch axis, encoder [Le, H, S, S],
-    decoder [Ld, H, T+1, T+1], cross [Ld, H, T+1, S]; with alignment_only a [T+1, S] array.
-    """
-    examples = data_lib.Examples([np.asarray(s, np.int32) for s in src_ids], [np.asarray(t, np.int32) for t in tgt_ids])
-    lengths = [padded_length(int(n), buckets) for n in examples.lengths()]
-    order = sorted(range(len(examples)), key=lambda i: lengths[i])
-    fn = compiled_attention(graphdef, alignment_only)
-    out: list = [None] * len(examples)
-    start = 0
-    while start < len(order):
-        length = lengths[order[start]]
-        chunk = [i for i in order[start : start + data_lib.examples_per_batch(length, batch_tokens)]
-                 if lengths[i] == length]
-        rows = _rows(len(chunk), sharding.data_size(mesh))
-        batch = data_lib.pad_batch(examples, np.asarray(chunk), rows, length)
-        batch = sharding.put_batch(mesh, {"src": batch["src"], "tgt_in": batch["tgt_in"]})
-        weights = jax.device_get(fn(params, batch["src"], batch["tgt_in"]))
-        for r, i in enumerate(chunk):
-            s, t = len(examples.src[i]), len(examples.tgt[i]) + 1
-            if alignment_only:
-                out[i] = weights[r, :t, :s]
-            else:
-                out[i] = {"encoder": weights["encoder"][:, r, :, :s, :s],
-                          "decoder": weights["decoder"][:, r, :, :t, :t],
-                          "cross": weights["cross"][:, r, :, :t, :s]}
-        start += len(chunk)
-    return out
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -196,16 +118,16 @@ def attention_command(args) -> int:
     if not source:
         raise ConfigError("--src is empty")
     cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, args.last)
+    translator = Translator(cfg, graphdef, tok, mesh)
     src_ids = tok.encode_src([source])[0]
     _check_length("--src", src_ids)
     if args.tgt is not None:
         tgt_ids, how = tok.encode_tgt([clean_line(args.tgt)])[0], "given target"
     else:
-        hyps = Translator(cfg, graphdef, tok, mesh).translate_ids(params, [src_ids], settings_from(cfg, beam_size=1))
+        hyps = translator.translate_ids(params, [src_ids], settings_from(cfg, beam_size=1))
         tgt_ids, how = hyps[0][0][0], "greedy translation"
     _check_length("the target", tgt_ids)
-    weights = teacher_forced_weights(graphdef, params, mesh, tuple(cfg.data.bucket_lengths), cfg.data.batch_tokens,
-                                     [src_ids], [tgt_ids])[0]
+    weights = translator.attention_weights(params, [src_ids], [tgt_ids])[0]
     src_labels = pieces(tok.src, src_ids)
     out_labels = pieces(tok.tgt, list(tgt_ids) + [EOS_ID])  # row t: the step that outputs piece t
     in_labels = ["<s>"] + out_labels[:-1]

@@ -63,28 +63,13 @@ class Checkpoints:
                 force=force,
             )
         except Exception as e:
-            raise self._write_error(e) from None
+            raise write_error(self.directory, e) from None
 
     def wait(self) -> None:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise self._write_error(e) from None
-
-    def _write_error(self, e: Exception) -> CheckpointWriteError:
-        message = str(e)
-        os_error = re.search(r"([A-Z][A-Za-z ]+) \[os_error_code='?(\d+)'?\]", message)
-        if isinstance(e, OSError) and e.strerror:
-            reason = f"{e.strerror} (errno {e.errno})"
-        elif os_error:
-            reason = f"{os_error.group(1)} (errno {os_error.group(2)})"
-        else:
-            reason = error_line(e)
-        failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", message)
-        what = f"checkpoint {failed.group(1)}" if failed else "a checkpoint"
-        newest = complete_steps(self.directory)
-        kept = f"newest complete checkpoint: step {newest[-1]}" if newest else "no complete checkpoint yet"
-        return CheckpointWriteError(f"cannot write {what} in {self.directory}: {reason}; {kept}")
+            raise write_error(self.directory, e) from None
 
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict]:
         """Restores onto `target` (arrays or ShapeDtypeStructs carrying shardings).
@@ -163,14 +148,19 @@ class Checkpoints:
             except CheckpointDamaged as e:
                 note = str(e)
                 if move_aside:
-                    aside = self.directory.with_name(self.directory.name + ".damaged") / f"{step}-{int(time.time())}"
-                    if jax.process_index() == 0:
-                        aside.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.move(str(self.directory / str(step)), aside)
-                    self.manager.reload()
-                    note += f"; moved to {aside}"
+                    note += f"; moved to {self._move_aside(step)}"
                 print(f"warning: {note}; trying the previous one", file=sys.stderr, flush=True)
         return None
+
+    def _move_aside(self, step: int) -> Path:
+        """Moves a damaged step directory to `<directory>.damaged/<step>-<time>` (nothing is
+        deleted), so that a later save of the same step cannot collide with it."""
+        aside = self.directory.with_name(self.directory.name + ".damaged") / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), aside)
+        self.manager.reload()
+        return aside
 
     def delete_after(self, step: int) -> None:
         """Removes checkpoints newer than `step` (left by a run that is being resumed from `step`)."""
@@ -197,7 +187,7 @@ class Checkpoints:
             self.manager.wait_until_finished()
             self.manager.close()
         except Exception as e:
-            raise self._write_error(e) from None
+            raise write_error(self.directory, e) from None
 
 
 class _FromOrbax(logging.Filter):
@@ -249,6 +239,24 @@ def _orbax_leftover(unraisable) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def write_error(directory: Path, e: Exception) -> CheckpointWriteError:
+    """A failed save in one line: the step, the reason (an OS error's name and errno where orbax
+    or tensorstore report one) and the newest checkpoint that is complete on disk."""
+    message = str(e)
+    os_error = re.search(r"([A-Z][A-Za-z ]+) \[os_error_code='?(\d+)'?\]", message)
+    if isinstance(e, OSError) and e.strerror:
+        reason = f"{e.strerror} (errno {e.errno})"
+    elif os_error:
+        reason = f"{os_error.group(1)} (errno {os_error.group(2)})"
+    else:
+        reason = error_line(e)
+    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", message)
+    what = f"checkpoint {failed.group(1)}" if failed else "a checkpoint"
+    newest = complete_steps(directory)
+    kept = f"newest complete checkpoint: step {newest[-1]}" if newest else "no complete checkpoint yet"
+    return CheckpointWriteError(f"cannot write {what} in {directory}: {reason}; {kept}")
 
 
 def complete_steps(directory: Path) -> list[int]:

@@ -238,7 +238,7 @@ def run_train(args) -> int:
 # Each command's module is imported only when it runs, so `--help` and errors stay quick.
 COMMANDS = {
     "translate": ("transformer_mt.translate", "translate_command"),
-    "evaluate": ("transformer_mt.translate", "evaluate_command"),
+    "evaluate": ("transformer_mt.evaluate", "evaluate_command"),
     "score": ("transformer_mt.score", "score_command"),
     "average": ("transformer_mt.average", "average_command"),
     "plot": ("transformer_mt.plot", "plot_command"),

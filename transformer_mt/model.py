@@ -171,6 +171,52 @@ def blocked_attention(q, k_blocks, v_blocks, mask, index):
     return jax.lax.switch(index // (size // beams), branches, q, k_blocks, v_blocks, mask)
 
 
+def encoder_masks(src, src_mask, packing):
+    """(src_mask bool [B, S], positions [B, S], self-attention mask) of an encoder input.
+
+    src_mask defaults to src != PAD_ID; the mask is [B, 1, 1, S]. A packed batch (packing holds
+    segment ids and positions, data.pack_batch) masks [B, 1, S, S]: each token attends only
+    within its own pair, at positions counted from the pair's start."""
+    if packing is not None:
+        segments = packing["src_segments"]
+        attn_mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, S, S]
+        return segments != 0, packing["src_positions"], attn_mask
+    if src_mask is None:
+        src_mask = src != PAD_ID
+    positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
+    return src_mask, positions, src_mask[:, None, None, :]  # [B, 1, 1, S]
+
+
+def decoder_masks(tgt_in, src_mask, packing):
+    """(causal self-attention mask, cross-attention mask, positions [B, T]) for teacher forcing
+    over tgt_in [B, T]: [1, 1, T, T] and [B, 1, 1, S], or, packed, [B, 1, T, T] and [B, 1, T, S]
+    (within one pair: its own earlier tokens, its own source)."""
+    T = tgt_in.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1, 1, T, T]
+    if packing is not None:
+        tgt_seg, src_seg = packing["tgt_segments"], packing["src_segments"]
+        causal = causal & (tgt_seg[:, :, None] == tgt_seg[:, None, :])[:, None]  # [B, 1, T, T]
+        cross_mask = ((tgt_seg[:, :, None] == src_seg[:, None, :]) & (src_seg != 0)[:, None, :])[:, None]
+        return causal, cross_mask, packing["tgt_positions"]
+    positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
+    return causal, src_mask[:, None, None, :], positions
+
+
+def cache_mask(slots, index):
+    """Which self-attention cache entries each hypothesis sees at step `index`: (slots with
+    every beam's entry at index recorded as its own, mask [B, 1, T * N, N]); for one hypothesis
+    per sentence (N = 1), slots unchanged and the mask [1, 1, T, 1] of positions up to index."""
+    batch, beams, max_len = slots.shape
+    seen = jnp.arange(max_len) <= index  # [T]
+    if beams == 1:
+        return slots, seen[None, None, :, None]
+    slots = jax.lax.dynamic_update_slice_in_dim(
+        slots, jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (batch, beams, 1)), index, 2)
+    # Entry t * N + s is an ancestor of hypothesis j when slots[b, j, t] == s.
+    mine = (slots[:, :, :, None] == jnp.arange(beams)) & seen[:, None]  # [B, N(j), T, N(s)]
+    return slots, mine.transpose(0, 2, 3, 1).reshape(batch, 1, max_len * beams, beams)  # [B, 1, T*N, N]
+
+
 class Attention(nnx.Module):
     """Multi-head attention projections; the attention itself is `dot_product_attention`."""
 
@@ -386,15 +432,7 @@ class Transformer(nnx.Module):
         packing: a packed batch's segment ids and positions (data.pack_batch); each token then
         attends only within its own pair, at positions counted from the pair's start.
         """
-        if packing is not None:
-            segments = packing["src_segments"]
-            src_mask, positions = segments != 0, packing["src_positions"]
-            attn_mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, S, S]
-        else:
-            if src_mask is None:
-                src_mask = src != PAD_ID
-            positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
-            attn_mask = src_mask[:, None, None, :]  # [B, 1, 1, S]
+        src_mask, positions, attn_mask = encoder_masks(src, src_mask, packing)
         x = self._embed(self.src_embed, src, positions, rngs, table_len=src.shape[1])
         weights = []
         for layer in self.encoder_layers:
@@ -424,17 +462,8 @@ class Transformer(nnx.Module):
 
     def _decoder_states(self, tgt_in, encoded, src_mask, rngs, packing=None):
         """The decoder stack's output [B, T, D] (before the final norm) and each layer's weights."""
-        T = tgt_in.shape[1]
-        causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # [1, 1, T, T]
-        if packing is not None:  # within one pair: its own earlier tokens, its own source
-            tgt_seg, src_seg = packing["tgt_segments"], packing["src_segments"]
-            positions = packing["tgt_positions"]
-            causal = causal & (tgt_seg[:, :, None] == tgt_seg[:, None, :])[:, None]  # [B, 1, T, T]
-            cross_mask = ((tgt_seg[:, :, None] == src_seg[:, None, :]) & (src_seg != 0)[:, None, :])[:, None]
-        else:
-            positions = jnp.broadcast_to(jnp.arange(T), tgt_in.shape)
-            cross_mask = src_mask[:, None, None, :]
-        x = self._embed(self.tgt_embed, tgt_in, positions, rngs, table_len=T)
+        causal, cross_mask, positions = decoder_masks(tgt_in, src_mask, packing)
+        x = self._embed(self.tgt_embed, tgt_in, positions, rngs, table_len=tgt_in.shape[1])
         weights = []
         for layer in self.decoder_layers:
             cross = layer.cross_attn.project_kv(encoded)
@@ -494,15 +523,7 @@ class Transformer(nnx.Module):
         batch, beams, max_len = slots.shape
         positions = jnp.full((batch, beams), index)
         x = self._embed(self.tgt_embed, ids.reshape(batch, beams), positions, None)  # [B, N, D]
-        seen = jnp.arange(max_len) <= index  # [T]
-        if beams == 1:
-            self_mask = seen[None, None, :, None]  # [1, 1, T, 1]
-        else:
-            slots = jax.lax.dynamic_update_slice_in_dim(
-                slots, jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (batch, beams, 1)), index, 2)
-            # Entry t * N + s is an ancestor of hypothesis j when slots[b, j, t] == s.
-            mine = (slots[:, :, :, None] == jnp.arange(beams)) & seen[:, None]  # [B, N(j), T, N(s)]
-            self_mask = mine.transpose(0, 2, 3, 1).reshape(batch, 1, max_len * beams, beams)  # [B, 1, T*N, N]
+        slots, self_mask = cache_mask(slots, index)
         new_layers = []
         for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
             x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_k, cross_v,

@@ -272,7 +272,7 @@ def train(cfg: Config | None, workdir: str | Path, resume: bool = False, overrid
 
     translator = None
     if tcfg.bleu_every:
-        from transformer_mt.translate import Translator
+        from transformer_mt.search import Translator
 
         translator = Translator(cfg, graphdef, tok, mesh)
         bleu_src = valid_src[: tcfg.bleu_subset] if tcfg.bleu_subset else valid_src

@@ -1,0 +1,292 @@
+"""Search: the settings, the compiled program, and `Translator`, the one entry point to a
+trained model.
+
+`Translator` holds a model structure, its tokenizer and the device mesh; given parameters it
+translates id lists (`translate_ids`) and text lines (`translate_lines`, `translate`), and, by
+teacher forcing (teacher_forcing.py), scores given targets (`score_ids`) and reads attention
+weights (`attention_weights`). Every command that uses a trained model goes through it:
+translate, evaluate, score, attention, alignments, and validation BLEU during training.
+
+Sentences are sorted by length and decoded in the small set of padded shapes that
+decode_batches.py plans, so jit compiles a bounded number of programs; outputs are put back in
+input order, one result per input.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from transformer_mt import decode as decode_lib
+from transformer_mt import matmul
+from transformer_mt import sharding
+from transformer_mt import teacher_forcing
+from transformer_mt import tokenizer as tok_lib
+from transformer_mt.config import Config, ConfigError
+from transformer_mt.decode_batches import next_power_of_two, plan_batches
+from transformer_mt.textio import clean_line, one_line, warn
+from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+MAX_LINE_WARNINGS = 10  # lines too long for the model named one by one; the rest only counted
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    beam_size: int
+    alpha: float
+    max_len_a: float
+    max_len_b: int
+    max_len_cap: int
+    batch_tokens: int
+    nbest: int = 1
+    sampling: str = ""  # "" (search), "topk:K" or "topp:P"; draws nbest samples per sentence
+    temperature: float = 1.0  # sampling only
+    seed: int = 0  # sampling only: the same seed draws the same samples
+    precision: str = "float32"  # matmul inputs: float32 (exact), bf16 or int8 (matmul.decoding_inputs)
+
+    def sampler_args(self) -> tuple[int, float] | None:
+        """(top_k, top_p) when sampling, else None."""
+        if not self.sampling:
+            return None
+        kind, _, value = self.sampling.partition(":")
+        try:
+            if kind == "topk" and int(value) >= 1:
+                return int(value), 1.0
+            if kind == "topp" and 0.0 < float(value) <= 1.0:
+                return 0, float(value)
+        except ValueError:
+            pass
+        raise ConfigError(f"--sampling must be topk:K (K >= 1) or topp:P (0 < P <= 1), got {self.sampling!r}")
+
+    def max_steps(self, src_len: int) -> int:
+        """Output length limit for a source of src_len tokens: a * src_len + b, capped."""
+        return int(max(1, min(self.max_len_cap, math.floor(self.max_len_a * src_len + self.max_len_b))))
+
+
+def settings_from(cfg: Config, **overrides) -> SearchSettings:
+    d = cfg.decode
+    base = dict(beam_size=d.beam_size, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
+                max_len_cap=d.max_len_cap, batch_tokens=d.batch_tokens, precision=d.precision)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    base["precision"] = matmul.resolve_precision(base["precision"])
+    s = SearchSettings(**base)
+    if s.precision not in matmul.PRECISIONS:
+        raise ConfigError(f"--precision must be one of auto, {', '.join(matmul.PRECISIONS)}; got {s.precision!r}")
+    if s.beam_size < 1:
+        raise ConfigError(f"beam size must be >= 1, got {s.beam_size}")
+    if s.sampling:
+        s.sampler_args()  # validates
+        if s.temperature <= 0:
+            raise ConfigError(f"--temperature must be positive, got {s.temperature}")
+        if s.nbest < 1:
+            raise ConfigError(f"--nbest must be >= 1, got {s.nbest}")
+    elif not 1 <= s.nbest <= s.beam_size:
+        raise ConfigError(f"--nbest ({s.nbest}) must be between 1 and the beam size ({s.beam_size})")
+    if s.batch_tokens < 1:
+        raise ConfigError("--batch-tokens must be positive")
+    return s
+
+
+def settings_from_args(cfg: Config, args) -> SearchSettings:
+    """The settings of the `translate` and `evaluate` command lines (unset options: the config's)."""
+    return settings_from(cfg, beam_size=args.beam, alpha=args.alpha, max_len_a=args.max_len_a,
+                         max_len_b=args.max_len_b, batch_tokens=args.batch_tokens,
+                         nbest=getattr(args, "nbest", 1), sampling=args.sampling, temperature=args.temperature,
+                         seed=args.seed, precision=getattr(args, "precision", None))
+
+
+def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
+                    sampler: tuple[float, int, float] | None = None, precision: str = "float32"):
+    """jit(encode + search); see _compiled_search (one cache key however the arguments are passed)."""
+    return _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
+                     sampler: tuple[float, int, float] | None, precision: str):
+    """jit(encode + search) for one model structure and search setting, shared by every Translator
+    in the process (validation BLEU during training, then `translate`).
+
+    The program takes (params, src [B, S], max_lens [B], prefix [B, P], prefix_lens [B], row_ids
+    [B], seed); prefix (P may be 0) holds target tokens forced first; row_ids and seed give each
+    sentence its own random stream when sampling (temperature, top_k, top_p = sampler): nbest
+    draws per sentence, best first. precision: the matmuls' inputs (matmul.decoding_inputs).
+    """
+
+    def search(*args):
+        with matmul.decoding_inputs(precision):  # read while tracing
+            return _search(*args)
+
+    def _search(params, src, max_lens, prefix, prefix_lens, row_ids, seed):
+        model = nnx.merge(graphdef, params)
+        prefix = prefix if prefix.shape[1] else None
+        if sampler is not None:  # nbest independent draws: one row each
+            src, max_lens, prefix_lens, prefix = (None if x is None else jnp.repeat(x, nbest, axis=0)
+                                                  for x in (src, max_lens, prefix_lens, prefix))
+            base = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_ids)
+            keys = jax.vmap(jax.random.fold_in)(jnp.repeat(base, nbest), jnp.tile(jnp.arange(nbest), row_ids.shape[0]))
+        encoded, src_mask = model.encode(src)  # [B, S, D], [B, S]
+        cross = model.cross_state(encoded, src_mask)  # once per sentence, shared by its beams
+        batch = src.shape[0]
+        cache = model.init_cache(batch, beam_size if sampler is None else 1, max_steps)
+        step = functools.partial(model.decode_step, cross=cross)
+        kw = dict(max_steps=max_steps, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_lens=max_lens,
+                  prefix=prefix, prefix_lens=prefix_lens, banned_ids=(PAD_ID, BOS_ID))  # never valid output
+        if sampler is not None:
+            tokens, scores = decode_lib.greedy_search(step, cache, batch_size=batch, sampler=decode_lib.make_sampler(
+                *sampler), keys=jax.random.key_data(keys), **kw)
+            tokens, scores = tokens.reshape(-1, nbest, max_steps), scores.reshape(-1, nbest)
+            scores, order = jax.lax.top_k(scores, nbest)  # best draw first
+            return jnp.take_along_axis(tokens, order[:, :, None], axis=1), scores
+        if beam_size == 1:
+            tokens, scores = decode_lib.greedy_search(step, cache, batch_size=batch, **kw)
+            return tokens[:, None, :], scores[:, None]
+        tokens, scores, _ = decode_lib.beam_search(step, cache, batch_size=batch, beam_size=beam_size, alpha=alpha,
+                                                   nbest=nbest, reorder_cache=model.reorder_cache, **kw)
+        return tokens, scores
+
+    return jax.jit(search)
+
+
+class Translator:
+    """A trained model's structure, tokenizer and mesh: decodes with given params (one
+    jit-compiled search per settings and shape) and runs teacher forcing over given targets."""
+
+    def __init__(self, cfg: Config, graphdef, tok: tok_lib.Tokenizer, mesh=None):
+        self.cfg, self.graphdef, self.tok = cfg, graphdef, tok
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        self.buckets = tuple(cfg.data.bucket_lengths)
+        self.truncated = 0  # lines translate_lines cut to the largest bucket
+
+    def _fit(self, ids: list[int]) -> list[int]:
+        """Source ids (ending in EOS) cut to the largest bucket (translate_lines warns and counts)."""
+        limit = self.buckets[-1]
+        if len(ids) <= limit:
+            return ids
+        return ids[: limit - 1] + [EOS_ID]
+
+    # ------------------------------------------------------------------ search
+
+    def translate_ids(self, params, sources: Sequence[list[int]], settings: SearchSettings,
+                      progress: bool = False, prefixes: Sequence[list[int]] | None = None,
+                      first_index: int = 0) -> list[list[tuple[list[int], float]]]:
+        """n-best (ids, score) lists for source id lists (each ending in EOS); empty sources give [].
+
+        prefixes: target ids each output must start with (forced; the length limit grows by them).
+        first_index: the first source's number in the whole input, which seeds its samples, so a
+        sentence draws the same samples whatever batch or chunk it lands in.
+        """
+        results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
+        sources = [self._fit(list(s)) for s in sources]
+        prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in sources]
+        todo = [i for i, s in enumerate(sources) if len(s) > 1]
+        todo.sort(key=lambda i: len(sources[i]))
+        batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
+                               sharding.data_size(self.mesh))
+        sampler = settings.sampler_args()
+        sampler = None if sampler is None else (float(settings.temperature), *sampler)
+        bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
+                   file=sys.stderr)
+        for length, rows, chunk in batches:
+            chunk = [todo[k] for k in chunk]
+            longest_prefix = max(len(prefixes[i]) for i in chunk)
+            width = next_power_of_two(longest_prefix) if longest_prefix else 0  # few program shapes
+            src = np.full((rows, length), PAD_ID, np.int32)
+            max_lens = np.ones((rows,), np.int32)  # all-pad filler rows stop at once
+            prefix = np.full((rows, width), PAD_ID, np.int32)
+            prefix_lens = np.zeros((rows,), np.int32)
+            row_ids = np.zeros((rows,), np.int32)
+            for r, i in enumerate(chunk):
+                src[r, : len(sources[i])] = sources[i]
+                prefix[r, : len(prefixes[i])] = prefixes[i]
+                prefix_lens[r] = len(prefixes[i])
+                max_lens[r] = settings.max_steps(len(sources[i])) + len(prefixes[i])
+                row_ids[r] = first_index + i
+            max_steps = settings.max_steps(length) + width
+            fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest, max_steps,
+                                 sampler, settings.precision)
+            batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
+                                                   "prefix_lens": prefix_lens, "row_ids": row_ids})
+            tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"], batch["prefix"],
+                                               batch["prefix_lens"], batch["row_ids"], np.uint32(settings.seed)))
+            for r, i in enumerate(chunk):
+                results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def translate_lines(self, params, lines: Sequence[str], settings: SearchSettings, progress: bool = False,
+                        name: str = "input", first_line: int = 1,
+                        prefixes: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
+        """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)] * nbest.
+        prefixes: target text each translation starts with (one per line; "" for none).
+
+        A line longer than the largest bucket is translated from its first tokens, with a warning
+        naming it as line first_line + k of `name` (the first MAX_LINE_WARNINGS; `truncated`
+        counts them all).
+        """
+        ids = self.tok.encode_src([clean_line(s) for s in lines])
+        limit = self.buckets[-1]
+        for n, seq in enumerate(ids, start=first_line):
+            if len(seq) > limit:
+                self.truncated += 1
+                if self.truncated <= MAX_LINE_WARNINGS:
+                    more = " (further long lines are only counted)" if self.truncated == MAX_LINE_WARNINGS else ""
+                    warn(f"{name} line {n}: {len(seq)} tokens, longer than the model's {limit}; "
+                         f"translated from its first {limit - 1}{more}")
+        prefix_ids = None if prefixes is None else self.tok.encode_tgt([clean_line(p) for p in prefixes])
+        results = self.translate_ids(params, ids, settings, progress, prefixes=prefix_ids, first_index=first_line - 1)
+        out = []
+        for hyps in results:
+            if not hyps:
+                out.append([("", 0.0)] * settings.nbest)
+                continue
+            texts = self.tok.decode_tgt([h[0] for h in hyps])
+            out.append([(one_line(t), s) for t, (_, s) in zip(texts, hyps)])
+        return out
+
+    def translate(self, params, sentences: Sequence[str], beam_size: int | None = None, alpha: float | None = None,
+                  progress: bool = False) -> list[str]:
+        """Best translation of each sentence (used for validation BLEU)."""
+        settings = settings_from(self.cfg, beam_size=beam_size, alpha=alpha)
+        ids = self.tok.encode_src([clean_line(s) for s in sentences])
+        nbest = self.translate_ids(params, ids, settings, progress)
+        return [self.tok.decode_tgt([hyps[0][0]])[0] if hyps else "" for hyps in nbest]
+
+    # ------------------------------------------------------------------ teacher forcing
+
+    def score_ids(self, params, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
+                  batch_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(total log-prob float64 [N], tokens int [N]) of each target given its source, EOS
+        included (teacher_forcing.score_ids); batch_tokens defaults to training's."""
+        batch_tokens = batch_tokens or self.cfg.data.batch_tokens
+        if batch_tokens < 1:
+            raise ConfigError("--batch-tokens must be positive")
+        return teacher_forcing.score_ids(self.graphdef, params, self.mesh, self.buckets, batch_tokens,
+                                         src_ids, tgt_ids)
+
+    def attention_weights(self, params, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
+                          alignment_only: bool = False) -> list:
+        """Each pair's attention weights (teacher_forcing.teacher_forced_weights)."""
+        return teacher_forcing.teacher_forced_weights(self.graphdef, params, self.mesh, self.buckets,
+                                                      self.cfg.data.batch_tokens, src_ids, tgt_ids, alignment_only)
+
+def _cut(seq) -> list[int]:
+    """Ids up to (not including) the first EOS."""
+    out = []
+    for t in seq:
+        t = int(t)
+        if t == EOS_ID:
+            break
+        if t not in (PAD_ID, BOS_ID):
+            out.append(t)
+    return out
