@@ -196,6 +196,14 @@ class Translator:
         sampler = None if sampler is None else (float(settings.temperature), *sampler)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
+        pending = None  # the batch in flight: the next one is dispatched before its results are read
+
+        def collect(chunk, outputs):
+            tokens, scores = jax.device_get(outputs)
+            for r, i in enumerate(chunk):
+                results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
+            bar.update(len(chunk))
+
         for length, rows, chunk in batches:
             chunk = [todo[k] for k in chunk]
             longest_prefix = max(len(prefixes[i]) for i in chunk)
@@ -216,11 +224,13 @@ class Translator:
                                  sampler, settings.precision)
             batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
                                                    "prefix_lens": prefix_lens, "row_ids": row_ids})
-            tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"], batch["prefix"],
-                                               batch["prefix_lens"], batch["row_ids"], np.uint32(settings.seed)))
-            for r, i in enumerate(chunk):
-                results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
-            bar.update(len(chunk))
+            outputs = fn(params, batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"],
+                         batch["row_ids"], np.uint32(settings.seed))  # dispatched, not waited for
+            if pending is not None:
+                collect(*pending)
+            pending = chunk, outputs
+        if pending is not None:
+            collect(*pending)
         bar.close()
         return results
 
@@ -245,14 +255,9 @@ class Translator:
                          f"translated from its first {limit - 1}{more}")
         prefix_ids = None if prefixes is None else self.tok.encode_tgt([clean_line(p) for p in prefixes])
         results = self.translate_ids(params, ids, settings, progress, prefixes=prefix_ids, first_index=first_line - 1)
-        out = []
-        for hyps in results:
-            if not hyps:
-                out.append([("", 0.0)] * settings.nbest)
-                continue
-            texts = self.tok.decode_tgt([h[0] for h in hyps])
-            out.append([(one_line(t), s) for t, (_, s) in zip(texts, hyps)])
-        return out
+        texts = iter(self.tok.decode_tgt([h[0] for hyps in results for h in hyps]))  # one call for all lines
+        return [[(one_line(next(texts)), s) for _, s in hyps] if hyps else [("", 0.0)] * settings.nbest
+                for hyps in results]
 
     def translate(self, params, sentences: Sequence[str], beam_size: int | None = None, alpha: float | None = None,
                   progress: bool = False) -> list[str]:
