@@ -105,9 +105,9 @@ def decoding_inputs(precision: str):
 
 
 def resolve_precision(name: str) -> str:
-    """A decoding precision; 'auto': bf16 on a CPU with native bf16 dots (RESULTS.md: the test
-    BLEU within 0.1 of float32 at 1.3-2.2x the speed), float32 elsewhere (a GPU or TPU model
-    computes in bf16 already)."""
+    """A decoding precision; 'auto': bf16 on a CPU with native bf16 dots (RESULTS.md: test BLEU
+    within 0.1 of float32 at 1.5-2.0x its speed), float32 elsewhere (a GPU or TPU model computes
+    in bf16 already)."""
     if name != "auto":
         return name
     return "bf16" if jax.default_backend() == "cpu" and cpu_has_bf16_dots() else "float32"
