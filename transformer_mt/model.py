@@ -361,8 +361,71 @@ class DecoderLayer(nnx.Module):
         return self.ffn_block(x, lambda h: self.ffn(h, None), None), new
 
 
-class Transformer(nnx.Module):
-    """Encoder-decoder Transformer with optional tied embeddings."""
+class IncrementalDecoding:
+    """Transformer's decoding half: `cross_state` + `init_cache` + `decode_step` (+
+    `reorder_cache` for beams), step by step with a cache, as search.py runs them. Reads the
+    Transformer's cfg, dtype, decoder_layers, tgt_embed, _embed and _logits; holds no state.
+
+    Rows are sentences x beams, [B * N] in the search's order (N = 1 for greedy). Keys and values
+    are kept heads-major, [B, H, L, K], the layout the attention dots read without a transpose.
+    Cross-attention keys/values are projected once per sentence and shared by its beams. The
+    self-attention cache holds every beam's entries in one buffer per layer, position-major
+    ([B, H, max_len * N, K]: entry t * N + j is beam j at position t); an entry is written once
+    and never moved. `slots` [B, N, max_len] says, for each hypothesis, which beam's entry at
+    each position is its ancestor; a beam reorder gathers only these ints (`reorder_cache`).
+    With beams and max_len >= 8 that buffer is split into CACHE_BLOCKS blocks of positions, each
+    its own array, and a step attends over the blocks filled so far only (`blocked_attention`):
+    reading the whole buffer every step was a quarter of a beam step.
+    """
+
+    def cross_state(self, encoded, src_mask):
+        """Per-sentence decoding inputs: cross keys/values [B, H, S, K] of every layer and the mask."""
+        layers = []
+        for layer in self.decoder_layers:
+            k, v = layer.cross_attn.project_kv(encoded)  # [B, S, H, K]
+            layers.append((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)))
+        return {"layers": tuple(layers), "mask": src_mask[:, None, :, None]}  # mask [B, 1, S, 1]
+
+    def init_cache(self, batch_size: int, beam_size: int, max_len: int):
+        """Empty self-attention cache for batch_size sentences of beam_size hypotheses each."""
+        heads, head_dim = self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads
+        if beam_size > 1 and max_len >= 2 * CACHE_BLOCKS:  # up to CACHE_BLOCKS blocks of positions
+            block_len = -(-max_len // CACHE_BLOCKS)
+            max_len = -(-max_len // block_len) * block_len
+            shape = (batch_size, heads, block_len * beam_size, head_dim)
+            zeros = lambda: tuple(jnp.zeros(shape, self.dtype) for _ in range(max_len // block_len))  # noqa: E731
+        else:
+            shape = (batch_size, heads, max_len * beam_size, head_dim)
+            zeros = lambda: jnp.zeros(shape, self.dtype)  # noqa: E731
+        layers = tuple({"k": zeros(), "v": zeros()} for _ in self.decoder_layers)
+        slots = jnp.zeros((batch_size, beam_size, max_len), jnp.int32)
+        return {"layers": layers, "slots": slots, "index": jnp.zeros((), jnp.int32)}
+
+    @staticmethod
+    def reorder_cache(cache, parents):
+        """After a beam step: hypothesis j of sentence b continues parents[b, j] ([B, N] int)."""
+        slots = jnp.take_along_axis(cache["slots"], parents[:, :, None], axis=1)
+        return {**cache, "slots": slots}
+
+    def decode_step(self, ids, cache, cross):
+        """One step: ids [B * N] at position cache['index'] -> (float32 logits [B * N, V], cache)."""
+        index, slots = cache["index"], cache["slots"]
+        batch, beams, max_len = slots.shape
+        positions = jnp.full((batch, beams), index)
+        x = self._embed(self.tgt_embed, ids.reshape(batch, beams), positions, None)  # [B, N, D]
+        slots, self_mask = cache_mask(slots, index)
+        new_layers = []
+        for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
+            x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_k, cross_v,
+                                        cross["mask"], positions)
+            new_layers.append(layer_cache)
+        logits = self._logits(x).reshape(batch * beams, -1)
+        return logits, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
+
+
+class Transformer(IncrementalDecoding, nnx.Module):
+    """Encoder-decoder Transformer with optional tied embeddings: teacher forcing here,
+    step-by-step decoding in IncrementalDecoding."""
 
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -474,63 +537,6 @@ class Transformer(nnx.Module):
     def __call__(self, src, tgt_in, rngs: nnx.Rngs | None = None):
         encoded, src_mask = self.encode(src, rngs)
         return self.decode(tgt_in, encoded, src_mask, rngs)
-
-    # ------------------------------------------------------------------ incremental decoding
-    #
-    # Rows are sentences x beams, [B * N] in the search's order (N = 1 for greedy). Keys and values
-    # are kept heads-major, [B, H, L, K], the layout the attention dots read without a transpose.
-    # Cross-attention keys/values are projected once per sentence and shared by its beams. The
-    # self-attention cache holds every beam's entries in one buffer per layer, position-major
-    # ([B, H, max_len * N, K]: entry t * N + j is beam j at position t); an entry is written once
-    # and never moved. `slots` [B, N, max_len] says, for each hypothesis, which beam's entry at
-    # each position is its ancestor; a beam reorder gathers only these ints (`reorder_cache`).
-    # With beams and max_len >= 8 that buffer is split into CACHE_BLOCKS blocks of positions, each
-    # its own array, and a step attends over the blocks filled so far only (`blocked_attention`):
-    # reading the whole buffer every step was a quarter of a beam step.
-
-    def cross_state(self, encoded, src_mask):
-        """Per-sentence decoding inputs: cross keys/values [B, H, S, K] of every layer and the mask."""
-        layers = []
-        for layer in self.decoder_layers:
-            k, v = layer.cross_attn.project_kv(encoded)  # [B, S, H, K]
-            layers.append((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)))
-        return {"layers": tuple(layers), "mask": src_mask[:, None, :, None]}  # mask [B, 1, S, 1]
-
-    def init_cache(self, batch_size: int, beam_size: int, max_len: int):
-        """Empty self-attention cache for batch_size sentences of beam_size hypotheses each."""
-        heads, head_dim = self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads
-        if beam_size > 1 and max_len >= 2 * CACHE_BLOCKS:  # up to CACHE_BLOCKS blocks of positions
-            block_len = -(-max_len // CACHE_BLOCKS)
-            max_len = -(-max_len // block_len) * block_len
-            shape = (batch_size, heads, block_len * beam_size, head_dim)
-            zeros = lambda: tuple(jnp.zeros(shape, self.dtype) for _ in range(max_len // block_len))  # noqa: E731
-        else:
-            shape = (batch_size, heads, max_len * beam_size, head_dim)
-            zeros = lambda: jnp.zeros(shape, self.dtype)  # noqa: E731
-        layers = tuple({"k": zeros(), "v": zeros()} for _ in self.decoder_layers)
-        slots = jnp.zeros((batch_size, beam_size, max_len), jnp.int32)
-        return {"layers": layers, "slots": slots, "index": jnp.zeros((), jnp.int32)}
-
-    @staticmethod
-    def reorder_cache(cache, parents):
-        """After a beam step: hypothesis j of sentence b continues parents[b, j] ([B, N] int)."""
-        slots = jnp.take_along_axis(cache["slots"], parents[:, :, None], axis=1)
-        return {**cache, "slots": slots}
-
-    def decode_step(self, ids, cache, cross):
-        """One step: ids [B * N] at position cache['index'] -> (float32 logits [B * N, V], cache)."""
-        index, slots = cache["index"], cache["slots"]
-        batch, beams, max_len = slots.shape
-        positions = jnp.full((batch, beams), index)
-        x = self._embed(self.tgt_embed, ids.reshape(batch, beams), positions, None)  # [B, N, D]
-        slots, self_mask = cache_mask(slots, index)
-        new_layers = []
-        for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
-            x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_k, cross_v,
-                                        cross["mask"], positions)
-            new_layers.append(layer_cache)
-        logits = self._logits(x).reshape(batch * beams, -1)
-        return logits, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
 
 
 def count_params(model: nnx.Module) -> int:

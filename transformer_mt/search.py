@@ -285,6 +285,7 @@ class Translator:
         return teacher_forcing.teacher_forced_weights(self.graphdef, params, self.mesh, self.buckets,
                                                       self.cfg.data.batch_tokens, src_ids, tgt_ids, alignment_only)
 
+
 def _cut(seq) -> list[int]:
     """Ids up to (not including) the first EOS."""
     out = []
