@@ -11,6 +11,8 @@ beforehand, as the peers take pieces; the `end to end` figure adds tokenization 
 
 For each beam size the first pass compiles (its time and the number of programs compiled are
 reported separately); sentences/s and output tokens/s are the median of --passes further passes.
+With several --precisions, their passes alternate (A B C A B C ...), so that the load of a shared
+machine falls on each alike; compare them as ratios.
 """
 
 from __future__ import annotations
@@ -34,26 +36,32 @@ def output_tokens(results) -> int:
     return sum(len(h[0][0]) + 1 for h in results if h)
 
 
-def measure(translator, params, ids, lines, settings, passes, counter):
-    before = counter.count
-    t0 = time.perf_counter()
-    translator.translate_ids(params, ids, settings)
-    first = time.perf_counter() - t0
-    programs = counter.count - before
-    times = []
-    for _ in range(passes):
+def measure(translator, params, ids, lines, settings_list, passes, counter):
+    """Figures for each of settings_list, their timed passes alternated."""
+    firsts, programs, times, results = [], [], [[] for _ in settings_list], [None] * len(settings_list)
+    for settings in settings_list:
+        before = counter.count
         t0 = time.perf_counter()
-        results = translator.translate_ids(params, ids, settings)
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    translator.translate_lines(params, lines, settings, progress=False)
-    end_to_end = time.perf_counter() - t0
-    seconds = statistics.median(times)
-    tokens = output_tokens(results)
-    return {"sentences": len(ids), "sentences_per_s": len(ids) / seconds, "tokens_per_s": tokens / seconds,
-            "output_tokens": tokens, "seconds": seconds, "first_pass_s": first,
-            "compile_s": max(first - seconds, 0.0), "programs": programs,
-            "end_to_end_sentences_per_s": len(ids) / end_to_end}
+        translator.translate_ids(params, ids, settings)
+        firsts.append(time.perf_counter() - t0)
+        programs.append(counter.count - before)
+    for _ in range(passes):
+        for k, settings in enumerate(settings_list):
+            t0 = time.perf_counter()
+            results[k] = translator.translate_ids(params, ids, settings)
+            times[k].append(time.perf_counter() - t0)
+    out = []
+    for k, settings in enumerate(settings_list):
+        t0 = time.perf_counter()
+        translator.translate_lines(params, lines, settings, progress=False)
+        end_to_end = time.perf_counter() - t0
+        seconds = statistics.median(times[k])
+        tokens = output_tokens(results[k])
+        out.append({"sentences": len(ids), "sentences_per_s": len(ids) / seconds, "tokens_per_s": tokens / seconds,
+                    "output_tokens": tokens, "seconds": seconds, "first_pass_s": firsts[k],
+                    "compile_s": max(firsts[k] - seconds, 0.0), "programs": programs[k],
+                    "end_to_end_sentences_per_s": len(ids) / end_to_end, "precision": settings.precision})
+    return out
 
 
 def main() -> None:
@@ -66,6 +74,8 @@ def main() -> None:
                    help="also measure at the run's own length limit")
     p.add_argument("--passes", type=int, default=3, help="timed passes after the compiling one")
     p.add_argument("--batch-tokens", type=int, help="decode.batch_tokens override")
+    p.add_argument("--precisions", default="auto",
+                   help="comma-separated decoding precisions (auto, float32, bf16, int8), passes alternated")
     p.add_argument("--compile-cache", action="store_true",
                    help="use the persistent compilation cache (default off: compile time is measured)")
     p.add_argument("--source", help="source file (default: the run's data.test_files[0])")
@@ -100,14 +110,15 @@ def main() -> None:
           file=sys.stderr)
     for name, overrides in settings:
         for beam in (int(b) for b in args.beams.split(",")):
-            s = settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, **overrides)
-            r = measure(translator, params, ids, lines, s, args.passes, counter)
+            many = [settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, precision=precision,
+                                     **overrides) for precision in args.precisions.split(",")]
             search = "greedy" if beam == 1 else f"beam{beam}"
-            report["results"][f"{name}/{search}"] = r
-            print(f"{name:8s} {search:7s} {r['sentences_per_s']:8.1f} sent/s {r['tokens_per_s']:9.0f} tok/s  "
-                  f"compile {r['compile_s']:5.1f} s ({r['programs']} programs)  "
-                  f"end to end {r['end_to_end_sentences_per_s']:.1f} sent/s  "
-                  f"{r['output_tokens'] / len(ids):.1f} tokens/sentence", flush=True)
+            for r in measure(translator, params, ids, lines, many, args.passes, counter):
+                report["results"][f"{name}/{search}/{r['precision']}"] = r
+                print(f"{name:8s} {search:7s} {r['precision']:7s} {r['sentences_per_s']:8.1f} sent/s "
+                      f"{r['tokens_per_s']:9.0f} tok/s  compile {r['compile_s']:5.1f} s ({r['programs']} programs)  "
+                      f"end to end {r['end_to_end_sentences_per_s']:.1f} sent/s  "
+                      f"{r['output_tokens'] / len(ids):.1f} tokens/sentence", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report, f, indent=1)

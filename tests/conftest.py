@@ -48,6 +48,8 @@ FAST = [
     # different orders (1 vs 2 or 4 devices) drift ~1e-3 apart instead of ~1e-6. test_matmul and
     # test_train cover the bf16 path.
     "model.matmul_dtype=float32",
+    # Exact float32 decoding (decode.precision auto is bf16 on such CPUs); test_matmul covers the others.
+    "decode.precision=float32",
     "train.log_every=5",
     "train.eval_every=0",
     "train.checkpoint_every=0",

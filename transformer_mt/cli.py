@@ -86,6 +86,10 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len-a", type=float, help="output length limit a * src_len + b: a")
     p.add_argument("--max-len-b", type=int, help="output length limit a * src_len + b: b")
     p.add_argument("--batch-tokens", type=int, help="padded source tokens per decoding batch")
+    p.add_argument("--precision", choices=("auto", "float32", "bf16", "int8"),
+                   help="matmul inputs: float32 (exact); bf16 (float32 sums; auto's choice on CPUs with "
+                   "AVX512-BF16/AMX); int8 (per-channel scales). Default: the run's decode.precision (auto). "
+                   "Measured cost in BLEU and speed: benchmarks/RESULTS.md")
     p.add_argument("--sampling", metavar="topk:K|topp:P",
                    help="sample instead of searching: from the K most likely tokens, or from the smallest set "
                    "holding probability P (nucleus); --nbest N draws N samples per line, best first; scores are "

@@ -150,6 +150,9 @@ class DecodeConfig:
     max_len_cap: int = 256
     # Padded source tokens per decoding batch.
     batch_tokens: int = 4096
+    # Decoding matmul inputs: float32 (exact), bf16 (float32 sums), int8 (per-channel scales), or
+    # auto: bf16 on CPUs with native bf16 dots (AVX512-BF16/AMX), else float32.
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,7 @@ def validate(config: Config) -> None:
         "model.matmul_dtype": (m.matmul_dtype, ("auto", "float32", "bfloat16")),
         "tokenizer.model_type": (tok.model_type, ("unigram", "bpe")),
         "train.on_nonfinite": (t.on_nonfinite, ("skip", "stop")),
+        "decode.precision": (config.decode.precision, ("auto", "float32", "bf16", "int8")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -7,9 +7,12 @@ float32. Inputs are rounded to bf16 (8 bits of mantissa), products are summed in
 TPUs do to float32 matmuls by default. The backward pass is written out (custom VJP) so that its
 two matmuls take bf16 inputs too; JAX's own transpose of a mixed-precision dot runs them in float32.
 
-Which matmuls: the model's Linear layers call `dot_general` below, which reads the dtype set by
-`matmul_inputs` while a function is traced, as `jax.default_matmul_precision` does. The training
-loss sets it (train_step.batch_sums); decoding does not, so translations are float32 throughout.
+Which matmuls: the model's Linear layers (and, when decoding, the output projection) call
+`dot_general` below, which reads the dtype set by `matmul_inputs` while a function is traced, as
+`jax.default_matmul_precision` does. The training loss sets it (train_step.batch_sums); decoding
+sets it from its `precision` setting (`decoding_inputs`): bf16 as in training, or int8 (weights
+quantised per output channel, activations per row, int32 sums, as CTranslate2's int8 does),
+or float32, exact.
 """
 
 from __future__ import annotations
@@ -75,13 +78,53 @@ def _bf16_matmul_bwd(residuals, g):
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
+def int8_matmul(x, w):
+    """x [..., K] @ w [K, N] -> float32 [..., N] from int8 copies: w scaled per column and x per
+    row so that each one's largest magnitude maps to 127, products summed in int32, then rescaled.
+    No gradient (decoding only). Inside a search's loop the weights' quantisation does not depend
+    on the step, so XLA hoists it out of the loop."""
+    w_scale = _int8_scale(jnp.max(jnp.abs(w), axis=0))  # [N]
+    x_scale = _int8_scale(jnp.max(jnp.abs(x), axis=-1, keepdims=True))  # [..., 1]
+    w8 = jnp.round(w / w_scale).astype(jnp.int8)
+    x8 = jnp.round(x / x_scale).astype(jnp.int8)
+    sums = jax.lax.dot_general(x8, w8, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return sums.astype(jnp.float32) * (x_scale * w_scale)
+
+
+def _int8_scale(max_abs):
+    """The step of a symmetric int8 grid reaching max_abs (1 where it is 0: all zeros stay 0)."""
+    return jnp.where(max_abs > 0, max_abs / 127.0, 1.0).astype(jnp.float32)
+
+
+PRECISIONS = {"float32": None, "bf16": jnp.bfloat16, "int8": jnp.int8}  # decoding's names -> matmul_inputs dtype
+
+
+def decoding_inputs(precision: str):
+    """matmul_inputs for a decoding precision name ('float32', 'bf16' or 'int8')."""
+    return matmul_inputs(PRECISIONS[precision])
+
+
+def resolve_precision(name: str) -> str:
+    """A decoding precision; 'auto': bf16 on a CPU with native bf16 dots (RESULTS.md: test BLEU
+    within 0.1 of float32 at 1.5-2.0x its speed), float32 elsewhere (a GPU or TPU model computes
+    in bf16 already)."""
+    if name != "auto":
+        return name
+    return "bf16" if jax.default_backend() == "cpu" and cpu_has_bf16_dots() else "float32"
+
+
+def reduced_inputs() -> bool:
+    """True while tracing under matmul_inputs(bf16 or int8)."""
+    return _INPUT_DTYPE.get() in (jnp.bfloat16, jnp.int8)
+
+
 _INPUT_DTYPE: contextvars.ContextVar = contextvars.ContextVar("matmul_input_dtype", default=None)
 
 
 @contextlib.contextmanager
 def matmul_inputs(dtype):
     """While tracing inside this block, float32 `dot_general`s of the model take `dtype` inputs
-    (bfloat16: mixed precision; None or float32: unchanged)."""
+    (bfloat16: mixed precision; int8: quantised, for decoding only; None or float32: unchanged)."""
     token = _INPUT_DTYPE.set(None if dtype is None else jnp.dtype(dtype))
     try:
         yield
@@ -90,13 +133,14 @@ def matmul_inputs(dtype):
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """jax.lax.dot_general, except inside matmul_inputs(bfloat16), where a float32 [..., K] x
-    [K, N] product (a Linear layer's) goes through bf16_matmul."""
+    """jax.lax.dot_general, except inside matmul_inputs(bfloat16 or int8), where a float32
+    [..., K] x [K, N] product (a Linear layer's) goes through bf16_matmul or int8_matmul."""
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     linear = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
               and not lhs_batch and not rhs_batch)
-    if (_INPUT_DTYPE.get() == jnp.bfloat16 and linear and lhs.dtype == jnp.float32
-            and rhs.dtype == jnp.float32):
-        return bf16_matmul(lhs, rhs).astype(preferred_element_type or jnp.float32)
+    inputs = _INPUT_DTYPE.get()
+    if inputs in (jnp.bfloat16, jnp.int8) and linear and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
+        product = bf16_matmul(lhs, rhs) if inputs == jnp.bfloat16 else int8_matmul(lhs, rhs)
+        return product.astype(preferred_element_type or jnp.float32)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)

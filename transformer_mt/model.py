@@ -471,7 +471,12 @@ class Transformer(IncrementalDecoding, nnx.Module):
     def _logits(self, h):
         """[B, T, D] -> float32 [B, T, V]."""
         h = self._features(h)
-        logits = self.tgt_embed.attend(h) if self.output is None else self.output(h)
+        if self.output is not None:
+            logits = self.output(h)
+        elif matmul.reduced_inputs():  # decoding in bf16/int8: the tied projection too, its largest matmul
+            logits = matmul.dot_general(h, self.tgt_embed.embedding[...].T, (((h.ndim - 1,), (0,)), ((), ())))
+        else:
+            logits = self.tgt_embed.attend(h)
         return logits.astype(jnp.float32)
 
     def output_embedding(self):

@@ -27,6 +27,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from transformer_mt import decode as decode_lib
+from transformer_mt import matmul
 from transformer_mt import sharding
 from transformer_mt import teacher_forcing
 from transformer_mt import tokenizer as tok_lib
@@ -50,6 +51,7 @@ class SearchSettings:
     sampling: str = ""  # "" (search), "topk:K" or "topp:P"; draws nbest samples per sentence
     temperature: float = 1.0  # sampling only
     seed: int = 0  # sampling only: the same seed draws the same samples
+    precision: str = "float32"  # matmul inputs: float32 (exact), bf16 or int8 (matmul.decoding_inputs)
 
     def sampler_args(self) -> tuple[int, float] | None:
         """(top_k, top_p) when sampling, else None."""
@@ -73,9 +75,12 @@ class SearchSettings:
 def settings_from(cfg: Config, **overrides) -> SearchSettings:
     d = cfg.decode
     base = dict(beam_size=d.beam_size, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
-                max_len_cap=d.max_len_cap, batch_tokens=d.batch_tokens)
+                max_len_cap=d.max_len_cap, batch_tokens=d.batch_tokens, precision=d.precision)
     base.update({k: v for k, v in overrides.items() if v is not None})
+    base["precision"] = matmul.resolve_precision(base["precision"])
     s = SearchSettings(**base)
+    if s.precision not in matmul.PRECISIONS:
+        raise ConfigError(f"--precision must be one of auto, {', '.join(matmul.PRECISIONS)}; got {s.precision!r}")
     if s.beam_size < 1:
         raise ConfigError(f"beam size must be >= 1, got {s.beam_size}")
     if s.sampling:
@@ -96,28 +101,32 @@ def settings_from_args(cfg: Config, args) -> SearchSettings:
     return settings_from(cfg, beam_size=args.beam, alpha=args.alpha, max_len_a=args.max_len_a,
                          max_len_b=args.max_len_b, batch_tokens=args.batch_tokens,
                          nbest=getattr(args, "nbest", 1), sampling=args.sampling, temperature=args.temperature,
-                         seed=args.seed)
+                         seed=args.seed, precision=getattr(args, "precision", None))
 
 
 def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                    sampler: tuple[float, int, float] | None = None):
+                    sampler: tuple[float, int, float] | None = None, precision: str = "float32"):
     """jit(encode + search); see _compiled_search (one cache key however the arguments are passed)."""
-    return _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler)
+    return _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                     sampler: tuple[float, int, float] | None):
+                     sampler: tuple[float, int, float] | None, precision: str):
     """jit(encode + search) for one model structure and search setting, shared by every Translator
     in the process (validation BLEU during training, then `translate`).
 
     The program takes (params, src [B, S], max_lens [B], prefix [B, P], prefix_lens [B], row_ids
     [B], seed); prefix (P may be 0) holds target tokens forced first; row_ids and seed give each
     sentence its own random stream when sampling (temperature, top_k, top_p = sampler): nbest
-    draws per sentence, best first.
+    draws per sentence, best first. precision: the matmuls' inputs (matmul.decoding_inputs).
     """
 
-    def search(params, src, max_lens, prefix, prefix_lens, row_ids, seed):
+    def search(*args):
+        with matmul.decoding_inputs(precision):  # read while tracing
+            return _search(*args)
+
+    def _search(params, src, max_lens, prefix, prefix_lens, row_ids, seed):
         model = nnx.merge(graphdef, params)
         prefix = prefix if prefix.shape[1] else None
         if sampler is not None:  # nbest independent draws: one row each
@@ -187,6 +196,14 @@ class Translator:
         sampler = None if sampler is None else (float(settings.temperature), *sampler)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
+        pending = None  # the batch in flight: the next one is dispatched before its results are read
+
+        def collect(chunk, outputs):
+            tokens, scores = jax.device_get(outputs)
+            for r, i in enumerate(chunk):
+                results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
+            bar.update(len(chunk))
+
         for length, rows, chunk in batches:
             chunk = [todo[k] for k in chunk]
             longest_prefix = max(len(prefixes[i]) for i in chunk)
@@ -204,14 +221,16 @@ class Translator:
                 row_ids[r] = first_index + i
             max_steps = settings.max_steps(length) + width
             fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest, max_steps,
-                                 sampler)
+                                 sampler, settings.precision)
             batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
                                                    "prefix_lens": prefix_lens, "row_ids": row_ids})
-            tokens, scores = jax.device_get(fn(params, batch["src"], batch["max_lens"], batch["prefix"],
-                                               batch["prefix_lens"], batch["row_ids"], np.uint32(settings.seed)))
-            for r, i in enumerate(chunk):
-                results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
-            bar.update(len(chunk))
+            outputs = fn(params, batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"],
+                         batch["row_ids"], np.uint32(settings.seed))  # dispatched, not waited for
+            if pending is not None:
+                collect(*pending)
+            pending = chunk, outputs
+        if pending is not None:
+            collect(*pending)
         bar.close()
         return results
 
@@ -236,14 +255,9 @@ class Translator:
                          f"translated from its first {limit - 1}{more}")
         prefix_ids = None if prefixes is None else self.tok.encode_tgt([clean_line(p) for p in prefixes])
         results = self.translate_ids(params, ids, settings, progress, prefixes=prefix_ids, first_index=first_line - 1)
-        out = []
-        for hyps in results:
-            if not hyps:
-                out.append([("", 0.0)] * settings.nbest)
-                continue
-            texts = self.tok.decode_tgt([h[0] for h in hyps])
-            out.append([(one_line(t), s) for t, (_, s) in zip(texts, hyps)])
-        return out
+        texts = iter(self.tok.decode_tgt([h[0] for hyps in results for h in hyps]))  # one call for all lines
+        return [[(one_line(next(texts)), s) for _, s in hyps] if hyps else [("", 0.0)] * settings.nbest
+                for hyps in results]
 
     def translate(self, params, sentences: Sequence[str], beam_size: int | None = None, alpha: float | None = None,
                   progress: bool = False) -> list[str]:
