@@ -165,13 +165,13 @@ def main() -> None:
               f"RSS {used['rss_above_base_mb']:,.0f} MiB above start ({used['rss_above_base_mb'] * 2**20 / used['pairs']:.1f} B/pair), "
               f"peak {used['peak_rss_mb']:,.0f} MiB", flush=True)
         if args.cli:
-            sets = [f"data.train_files=[{files[0]}, {files[1]}]", "data.max_train_examples=0"]
+            sets = args.overrides + [f"data.train_files=[{files[0]}, {files[1]}]", "data.max_train_examples=0"]
             first = cli_launch(out / "run1", sets, args.config)
             second = cli_launch(out / "run2", sets, args.config)
             print(f"  transformer-mt train (base sizes): first launch {first[0]:.0f} s to step 1 (peak RSS "
                   f"{first[1]:,.0f} MiB), second launch {second[0]:.1f} s (peak RSS {second[1]:,.0f} MiB)", flush=True)
     if args.cli:
-        m30k = cli_launch(out / "run_m30k", [], args.config)
+        m30k = cli_launch(out / "run_m30k", [o for o in args.overrides if not o.startswith("data.store_dir")], args.config)
         print(f"Multi30k, same model: {m30k[0]:.1f} s to step 1, peak RSS {m30k[1]:,.0f} MiB", flush=True)
 
 
