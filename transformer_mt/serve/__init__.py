@@ -69,6 +69,7 @@ def serve_command(args) -> int:
     # signal again: a SIGTERM handler that does nothing makes that last step a clean exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     ReadyServer(config).run(sockets=[sock])
+    engine.stop_warm_up()
     print(f"transformer-mt serve: stopped ({batcher.cycles} batches)", file=sys.stderr)
     return 0
 
