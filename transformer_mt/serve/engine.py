@@ -63,8 +63,8 @@ def rows_for(n: int, multiple: int) -> int:
     """Rows the server pads a batch of n sentences to: the next power of two (and multiple of the
     data-parallel size). Coarser than `translate`'s ladder, so the server's shapes are a set small
     enough to compile at start, and no load meets a shape after warm-up. At least 2 rows a device:
-    with one, XLA on CPU takes a matrix-vector path whose sums differ in the last bits, and a
-    greedy near-tie can then flip (test_2016 line 556 alone differs from it in a file's batch)."""
+    on CPU a batch of 1 row a device gave test_2016 line 556 another greedy translation than any
+    larger batch (its sums differ in the last bits, and a near-tie flips)."""
     return -(-max(next_power_of_two(n), 2 * multiple) // multiple) * multiple
 
 
