@@ -5,9 +5,9 @@
 1. Translates data/multi30k/test_2016_flickr.en.gz as `translate` does (a subprocess, the same
    CPU devices as the server), twice: the second pass's sentences/s is translate's file throughput,
    and its lines are the reference every served answer is checked against.
-2. Starts the server on a free localhost port (start-to-ready time), warms it with one pass over
-   the test set at each client count (the batch shapes each meets), and notes the count of
-   compiled programs.
+2. Starts the server on a free localhost port (start-to-ready time), waits until /health says its
+   background warm-up of every batch shape is done (time and programs printed; --client-warm-up
+   adds a pass over the test set at each client count), and notes the count of compiled programs.
 3. For each client count: every client sends single sentences (POST /v1/translate) one after
    another until --requests are answered; prints p50/p95/p99 latency, sentences/s, errors and
    mismatches, programs compiled since warm-up, and the server's RSS.
@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--soak", action="store_true", help="then 32 clients for --soak-minutes")
     p.add_argument("--soak-minutes", type=float, default=10.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for serve (repeatable)")
+    p.add_argument("--client-warm-up", action="store_true",
+                   help="before measuring, one pass at each client count (the server warms its shapes itself)")
     p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.offline:
@@ -155,11 +157,18 @@ def main() -> None:
     print(f"serve: start to ready {ready_s:.2f} s: {ready_line}", flush=True)
     try:
         levels = [int(c) for c in args.clients.split(",")]
-        for clients in levels:  # one pass at each client count: the batch shapes each will meet
-            warm = asyncio.run(load(url, sentences, ref["lines"], clients, args.beam,
-                                    requests=len(sentences) if clients > 1 else 100))
-            print(f"warm-up at {clients} clients ({warm['requests']} requests): {warm['errors']} errors, "
-                  f"{warm['mismatches']} mismatches; {health(url)['programs']} programs", flush=True)
+        start = time.perf_counter()
+        while (h := health(url))["status"] == "warming":  # the server compiles its fixed set of shapes
+            time.sleep(0.2)
+        print(f"serve: warm-up of {h['warm_up']['shapes']} shapes done {time.perf_counter() - start + ready_s:.2f} s "
+              f"after start ({h['programs']} programs, {h['programs_from_cache']} of them from the compile cache; "
+              f"error: {h['warm_up']['error']})", flush=True)
+        if args.client_warm_up:  # one pass at each client count
+            for clients in levels:
+                warm = asyncio.run(load(url, sentences, ref["lines"], clients, args.beam,
+                                        requests=len(sentences) if clients > 1 else 100))
+                print(f"warm-up at {clients} clients ({warm['requests']} requests): {warm['errors']} errors, "
+                      f"{warm['mismatches']} mismatches; {health(url)['programs']} programs", flush=True)
         programs = health(url)["programs"]
         print("clients  requests  p50 ms  p95 ms  p99 ms  sent/s  vs file  errors  mismatches  new programs  RSS MiB")
         for clients in levels:

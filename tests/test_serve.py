@@ -94,7 +94,7 @@ def test_concurrent_requests_get_their_own_translations(engine):
     server.batcher.stop()
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert server.batcher.cycles == 2  # one batch per search setting: the requests were decoded together
-    translator = engine.translator
+    translator = reference_translator(engine)
     for request, answer in zip(requests, answers):
         settings = tr.settings_from(engine.cfg, beam_size=request["beam"], nbest=request.get("nbest", 1))
         alone = translator.translate_lines(engine.params, request["q"], settings, progress=False)
@@ -102,6 +102,51 @@ def test_concurrent_requests_get_their_own_translations(engine):
         assert [[h["text"] for h in t["hypotheses"]] for t in got] == [[text for text, _ in hyps] for hyps in alone]
         assert [h["score"] for t in got for h in t["hypotheses"]] == pytest.approx(
             [score for hyps in alone for _, score in hyps], abs=1e-5)
+
+
+def test_batch_shapes_are_a_fixed_set_compiled_at_warm_up(engine, monkeypatch):
+    """The server pads each batch to a power of two of rows, so its (rows, length) shapes are the
+    fixed set Engine.shapes lists; warm-up compiles exactly that set, and requests of every size
+    from 1 to 20 lines afterwards compile nothing new (translate's 1, 2, 3, 4, 6, 8, 12, ... ladder
+    would meet 6 and 12 rows), and are answered as `translate` answers them."""
+    used = []
+    original = tr.compiled_search
+
+    def recording(*args, **kwargs):
+        fn = original(*args, **kwargs)
+        return lambda params, src, *rest: used.append(tuple(src.shape)) or fn(params, src, *rest)
+
+    monkeypatch.setattr(tr, "compiled_search", recording)
+    settings = engine.settings(beam_size=1)
+    fixed = set(engine.shapes(settings))
+    engine.warm_up([settings])
+    assert not engine.warming and engine.warm_total == len(fixed) and engine.warm_error is None
+    assert set(used) == fixed and len(used) == len(fixed)
+    programs = engine.programs.count
+    del used[:]
+    server = make_server(engine)
+    assert server.batcher.max_lines == engine.max_rows
+    requests = [[LINES[k % 7] for k in range(n, 2 * n)] for n in range(1, 21)]
+
+    async def calls():
+        transport = httpx.ASGITransport(app=create_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=600) as client:
+            return [await client.post("/v1/translate", json={"q": q, "beam": 1}) for q in requests]
+
+    answers = run(calls())
+    server.batcher.stop()
+    assert set(used) <= fixed, sorted(set(used) - fixed)
+    assert engine.programs.count == programs  # no compile after warm-up
+    offline = reference_translator(engine)
+    for q, answer in zip(requests, answers):
+        alone = offline.translate_lines(engine.params, q, settings, progress=False)
+        assert [t["hypotheses"][0]["text"] for t in answer.json()["translations"]] == [h[0][0] for h in alone]
+
+
+def reference_translator(engine) -> tr.Translator:
+    """A Translator as `transformer-mt translate` makes it (its own row ladder), for the same model."""
+    t = engine.translator
+    return tr.Translator(engine.cfg, t.graphdef, t.tok, t.mesh)
 
 
 def test_long_request_is_split_so_short_ones_are_not_starved(engine):

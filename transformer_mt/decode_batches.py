@@ -6,7 +6,7 @@ ladder (`row_bucket`), so jit compiles a bounded number of search programs whate
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from transformer_mt.data import bucket_for
 
@@ -27,7 +27,8 @@ def row_bucket(n: int) -> int:
 
 
 def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: int,
-                 row_multiple: int = 1) -> list[tuple[int, int, list[int]]]:
+                 row_multiple: int = 1, rows_for: Callable[[int], int] = row_bucket
+                 ) -> list[tuple[int, int, list[int]]]:
     """Splits length-sorted sentences (each within the largest bucket, as `Translator._fit` cuts
     them) into (source length, rows, positions in `lengths`) batches.
 
@@ -35,7 +36,8 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: i
     longest) stay within batch_tokens. Its rows are the sentence count rounded up by `row_bucket`
     (and to a multiple of the data-parallel size), so a small input is not decoded at the size of
     a full batch, at most a third of a batch is padding, and the compiled shapes stay few: a
-    file's full batches of one bucket share a shape.
+    file's full batches of one bucket share a shape. rows_for replaces `row_bucket` (the server
+    pads to powers of two, so its shapes are a small set it compiles at start).
     """
     batches, start = [], 0
     while start < len(lengths):
@@ -45,7 +47,7 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: i
             if (end + 1 - start) * longer > batch_tokens:
                 break
             end, length = end + 1, longer
-        rows = row_bucket(end - start)
+        rows = rows_for(end - start)
         rows = -(-rows // row_multiple) * row_multiple
         batches.append((length, rows, list(range(start, end))))
         start = end

@@ -32,7 +32,7 @@ from transformer_mt import sharding
 from transformer_mt import teacher_forcing
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt.config import Config, ConfigError
-from transformer_mt.decode_batches import next_power_of_two, plan_batches
+from transformer_mt.decode_batches import next_power_of_two, plan_batches, row_bucket
 from transformer_mt.textio import clean_line, one_line, warn
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -166,6 +166,7 @@ class Translator:
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.buckets = tuple(cfg.data.bucket_lengths)
         self.truncated = 0  # lines translate_lines cut to the largest bucket
+        self.rows_for = row_bucket  # rows a batch of n sentences is padded to (plan_batches)
 
     def _fit(self, ids: list[int]) -> list[int]:
         """Source ids (ending in EOS) cut to the largest bucket (translate_lines warns and counts)."""
@@ -191,7 +192,7 @@ class Translator:
         todo = [i for i, s in enumerate(sources) if len(s) > 1]
         todo.sort(key=lambda i: len(sources[i]))
         batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
-                               sharding.data_size(self.mesh))
+                               sharding.data_size(self.mesh), self.rows_for)
         sampler = settings.sampler_args()
         sampler = None if sampler is None else (float(settings.temperature), *sampler)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
@@ -233,6 +234,21 @@ class Translator:
             collect(*pending)
         bar.close()
         return results
+
+    def compile_shape(self, params, settings: SearchSettings, length: int, rows: int) -> None:
+        """Compiles (or loads from the compile cache) the search program of a (rows, length) batch
+        without prefixes, as translate_ids would meet it, by running it on filler rows (which stop
+        at once)."""
+        sampler = settings.sampler_args()
+        sampler = None if sampler is None else (float(settings.temperature), *sampler)
+        fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest,
+                             settings.max_steps(length), sampler, settings.precision)
+        batch = sharding.put_batch(self.mesh, {
+            "src": np.full((rows, length), PAD_ID, np.int32), "max_lens": np.ones((rows,), np.int32),
+            "prefix": np.full((rows, 0), PAD_ID, np.int32), "prefix_lens": np.zeros((rows,), np.int32),
+            "row_ids": np.zeros((rows,), np.int32)})
+        jax.block_until_ready(fn(params, batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"],
+                                 batch["row_ids"], np.uint32(settings.seed)))
 
     def translate_lines(self, params, lines: Sequence[str], settings: SearchSettings, progress: bool = False,
                         name: str = "input", first_line: int = 1,

@@ -43,10 +43,13 @@ def serve_command(args) -> int:
                           f"({limits.max_lines})")
     sock = _bind(args.host, args.port)  # before loading: a port in use fails at once
     engine = Engine(args.checkpoint, args.step, args.last)
-    engine.warm_up([engine.settings(beam_size=1), engine.settings()])
+    # every batch shape of greedy and of the run's own search (LibreTranslate's requests), compiled
+    # or loaded from the compile cache in the background: /health says "warming" until done
+    engine.start_warm_up([engine.settings(beam_size=1), engine.settings()])
     hold = (lambda: os.path.exists(args.hold_while_exists)) if args.hold_while_exists else None
     batcher = Batcher(engine.translate, args.batch_tokens or engine.cfg.decode.batch_tokens,
-                      max_wait=args.max_wait_ms / 1000, max_queue_lines=limits.max_queue_lines, hold=hold)
+                      max_wait=args.max_wait_ms / 1000, max_queue_lines=limits.max_queue_lines, hold=hold,
+                      max_lines=engine.max_rows)
     app = create_app(Server(engine, batcher, limits))
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
@@ -56,7 +59,8 @@ def serve_command(args) -> int:
         async def startup(self, sockets=None):
             await super().startup(sockets)
             print(f"transformer-mt serve: ready on {url} (checkpoint step {engine.step}, {engine.src_lang}->"
-                  f"{engine.tgt_lang}, {engine.devices} device(s), {programs} programs)", file=sys.stderr, flush=True)
+                  f"{engine.tgt_lang}, {engine.devices} device(s), {programs} programs; warming up {engine.warm_total} shapes in the "
+                  f"background)", file=sys.stderr, flush=True)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(limits.timeout) + 5)
@@ -65,6 +69,7 @@ def serve_command(args) -> int:
     # signal again: a SIGTERM handler that does nothing makes that last step a clean exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     ReadyServer(config).run(sockets=[sock])
+    engine.stop_warm_up()
     print(f"transformer-mt serve: stopped ({batcher.cycles} batches)", file=sys.stderr)
     return 0
 

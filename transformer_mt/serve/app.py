@@ -201,11 +201,14 @@ async def languages(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     server: Server = request.app.state.server
     return JSONResponse({
-        "status": "ok", "model_loaded": True, "step": server.engine.step,
+        "status": "warming" if server.engine.warming else "ok", "model_loaded": True,
+        "warm_up": {"shapes": server.engine.warm_total, "done": server.engine.warm_done,
+                    "error": None if server.engine.warm_error is None else str(server.engine.warm_error)}, "step": server.engine.step,
         "source": server.engine.src_lang, "target": server.engine.tgt_lang,
         "queue_lines": server.batcher.queued_lines, "busy_lines": server.batcher.busy_lines,
         "requests_in_flight": request.app.state.in_flight, "batches": server.batcher.cycles,
-        "programs": server.engine.programs.count, "devices": server.engine.devices,
+        "programs": server.engine.programs.count,
+        "programs_from_cache": server.engine.programs.from_cache, "devices": server.engine.devices,
     })
 
 

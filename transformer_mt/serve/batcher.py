@@ -3,7 +3,8 @@
 Requests (jobs) wait in arrival order. Each cycle the worker takes the settings of the job that
 has waited longest, then lines of every waiting job with the same settings, up to a token budget:
 first a line of each job in turn (up to FAIR_SHARE rounds), then more in arrival order while the
-budget lasts. So a long request is decoded a slice at a time and a short one that arrives behind it is
+budget and `max_lines` last (the engine pads each batch to a power of two of at most max_lines
+rows, so the server's program shapes are a small set compiled at start). So a long request is decoded a slice at a time and a short one that arrives behind it is
 answered after one cycle, not after the whole long request. When the worker is idle it waits at
 most `max_wait` seconds after the first arrival for others to join the batch.
 
@@ -57,8 +58,9 @@ class Batcher:
     returns one result per line (Engine.translate)."""
 
     def __init__(self, translate: Callable[..., list], budget: int, max_wait: float = 0.003,
-                 max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None):
+                 max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None, max_lines: int = 64):
         self.translate, self.budget, self.max_wait = translate, budget, max_wait
+        self.max_lines = max_lines  # lines a cycle takes at most: bounds the batch shapes (Engine.shapes)
         self.max_queue_lines = max_queue_lines
         self.hold = hold  # tests: while it returns True the worker starts no cycle
         self._jobs: list[Job] = []
@@ -110,27 +112,31 @@ class Batcher:
                 self._cond.wait(0.01 if self.hold is not None else None)
             deadline = self._jobs[0].arrived + self.max_wait
             while (sum(sum(j.costs[j.next_line:]) for j in self._jobs) < self.budget and not self._stopping
+                   and sum(j.waiting() for j in self._jobs) < self.max_lines
                    and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
             key = self._jobs[0].key
             same = [j for j in self._jobs if j.key == key]
             taken = {j.id: j.next_line for j in same}
-            spent = 0
+            spent = count = 0
 
             def fits(j: Job) -> bool:
-                return j.next_line < len(j.lines) and (spent == 0 or spent + j.costs[j.next_line] <= self.budget)
+                return (j.next_line < len(j.lines) and count < self.max_lines
+                        and (spent == 0 or spent + j.costs[j.next_line] <= self.budget))
 
             for _ in range(FAIR_SHARE):  # a line of each job in turn, up to FAIR_SHARE each
                 turn = [j for j in same if fits(j)]
                 for j in turn:
                     if fits(j):
                         spent += j.costs[j.next_line]
+                        count += 1
                         j.next_line += 1
                 if not turn:
                     break
             for j in same:  # then whatever fits, in arrival order
                 while fits(j):
                     spent += j.costs[j.next_line]
+                    count += 1
                     j.next_line += 1
             slices = [(j, taken[j.id], j.next_line) for j in same if j.next_line > taken[j.id]]
             for j, start, end in slices:

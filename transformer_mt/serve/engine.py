@@ -17,6 +17,8 @@ import jax
 
 from transformer_mt import data as data_lib
 from transformer_mt.alignment import align_hypotheses
+from transformer_mt.decode_batches import next_power_of_two
+from transformer_mt import sharding
 from transformer_mt.rundir import load_run
 from transformer_mt.search import SearchSettings, Translator, settings_from
 from transformer_mt.textio import clean_line
@@ -33,17 +35,37 @@ class ProgramCounter:
     """Counts the XLA programs this process compiled or loaded from the persistent cache: after
     warm-up the count must stay put (a new shape means a compile in the middle of serving)."""
 
-    EVENT = "/jax/core/compile/backend_compile_duration"
+    EVENT = "/jax/core/compile/backend_compile_duration"  # a compile or a load from the cache
+    CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
     def __init__(self):
         self.count = 0
+        self.from_cache = 0  # of count, loaded from the persistent compile cache
         self._lock = threading.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        jax.monitoring.register_event_listener(self._on_hit)
 
     def _on_event(self, event: str, duration: float, **_) -> None:
         if event == self.EVENT:
             with self._lock:
                 self.count += 1
+
+    def _on_hit(self, event: str, **_) -> None:
+        if event == self.CACHE_HIT:
+            with self._lock:
+                self.from_cache += 1
+
+
+MAX_ROWS = 64  # lines one batching cycle decodes at most (Batcher.max_lines): the largest row count
+
+
+def rows_for(n: int, multiple: int) -> int:
+    """Rows the server pads a batch of n sentences to: the next power of two (and multiple of the
+    data-parallel size). Coarser than `translate`'s ladder, so the server's shapes are a set small
+    enough to compile at start, and no load meets a shape after warm-up. At least 2 rows a device:
+    on CPU a batch of 1 row a device gave test_2016 line 556 another greedy translation than any
+    larger batch (its sums differ in the last bits, and a near-tie flips)."""
+    return -(-max(next_power_of_two(n), 2 * multiple) // multiple) * multiple
 
 
 class Engine:
@@ -57,6 +79,14 @@ class Engine:
         self.src_lang, self.tgt_lang = cfg.data.src_lang, cfg.data.tgt_lang
         self.default_beam = cfg.decode.beam_size
         self.devices = len(mesh.devices.flat)
+        multiple = sharding.data_size(mesh)
+        self.row_multiple = multiple
+        self.translator.rows_for = lambda n: rows_for(n, multiple)
+        self.max_rows = MAX_ROWS
+        self.warm_total = self.warm_done = 0  # shapes the warm-up compiles; those done
+        self.warm_error: BaseException | None = None
+        self._stop_warm = threading.Event()
+        self._warm_thread: threading.Thread | None = None
 
     def settings(self, **overrides) -> SearchSettings:
         """Search settings from the run's config with overrides (None = default); ConfigError when invalid."""
@@ -94,12 +124,46 @@ class Engine:
                 "target": [tok.tgt.id_to_piece(i) for i in tgt_ids] + ["</s>"],
                 "weights": [[round(float(w), 4) for w in row] for row in weights]}
 
+    def shapes(self, settings: SearchSettings) -> list[tuple[int, int]]:
+        """Every (rows, source length) batch the server can decode with these settings (without
+        prefixes): each length bucket x the row counts of 1..max_rows lines, within the token
+        budget that plan_batches keeps."""
+        out = set()
+        for length in self.translator.buckets:
+            lines = max(1, min(self.max_rows, settings.batch_tokens // length))
+            out.update((rows_for(n, self.row_multiple), length) for n in range(1, lines + 1))
+        return sorted(out)
+
     def warm_up(self, settings: Sequence[SearchSettings]) -> None:
-        """Compiles (or loads from the compile cache) the programs of one-line requests with these
-        settings, for a short and a long sentence, so the first clients do not wait for them."""
-        lines = ["A man .", "Two young children are playing in the sand ."]
-        fits = [line for line, ids in zip(lines, self.translator.tok.encode_src(lines))
-                if len(ids) <= self.translator.buckets[-1]]
-        for s in settings:
-            for line in fits:
-                self.translate([line], s)
+        """Compiles (or loads from the compile cache) every shape of `shapes` for these settings,
+        small batches first (what light load meets); warm_done counts them. Runs in a background
+        thread at start, so the server answers (compiling what it meets) while it warms."""
+        todo = sorted({(rows, length, s) for s in settings for rows, length in self.shapes(s)},
+                      key=lambda t: (t[0], settings.index(t[2]), t[1]))
+        self.warm_total = len(todo)
+        try:
+            for rows, length, s in todo:
+                if self._stop_warm.is_set():
+                    return
+                self.translator.compile_shape(self.params, s, length, rows)
+                self.warm_done += 1
+        except Exception as e:  # noqa: BLE001 (reported by /health; serving goes on, compiling on demand)
+            self.warm_error = e
+
+    def start_warm_up(self, settings: Sequence[SearchSettings]) -> threading.Thread:
+        self.warm_total = 1  # warming from now on, until warm_up has counted and compiled the shapes
+        self._warm_thread = threading.Thread(target=self.warm_up, args=(list(settings),), name="serve-warm-up",
+                                             daemon=True)
+        self._warm_thread.start()
+        return self._warm_thread
+
+    def stop_warm_up(self) -> None:
+        """Ends the warm-up after the shape it is compiling: a process that exits while XLA compiles
+        in another thread aborts (exit -6) instead of exiting 0."""
+        self._stop_warm.set()
+        if self._warm_thread is not None:
+            self._warm_thread.join()
+
+    @property
+    def warming(self) -> bool:
+        return self.warm_error is None and self.warm_done < self.warm_total
