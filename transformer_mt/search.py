@@ -202,7 +202,7 @@ class Translator:
         def collect(chunk, outputs):
             tokens, scores = jax.device_get(outputs)
             for r, i in enumerate(chunk):
-                results[i] = [(_cut(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
+                results[i] = [(tok_lib.cut_at_eos(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
             bar.update(len(chunk))
 
         for length, rows, chunk in batches:
@@ -300,15 +300,3 @@ class Translator:
         """Each pair's attention weights (teacher_forcing.teacher_forced_weights)."""
         return teacher_forcing.teacher_forced_weights(self.graphdef, params, self.mesh, self.buckets,
                                                       self.cfg.data.batch_tokens, src_ids, tgt_ids, alignment_only)
-
-
-def _cut(seq) -> list[int]:
-    """Ids up to (not including) the first EOS."""
-    out = []
-    for t in seq:
-        t = int(t)
-        if t == EOS_ID:
-            break
-        if t not in (PAD_ID, BOS_ID):
-            out.append(t)
-    return out

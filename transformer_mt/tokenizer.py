@@ -27,6 +27,18 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 JOINT_FILE, SRC_FILE, TGT_FILE = "spm.model", "spm.src.model", "spm.tgt.model"
 
 
+def cut_at_eos(seq: Iterable[int]) -> list[int]:
+    """Ids up to (not including) the first EOS, without pad and BOS."""
+    out = []
+    for t in seq:
+        t = int(t)
+        if t == EOS_ID:
+            break
+        if t not in (PAD_ID, BOS_ID):
+            out.append(t)
+    return out
+
+
 class Tokenizer:
     """Source and target SentencePiece processors (the same one when the vocabulary is joint)."""
 
@@ -59,17 +71,7 @@ class Tokenizer:
 
     def decode_tgt(self, ids: Iterable[Sequence[int]]) -> list[str]:
         """Detokenizes, cutting each sequence at its first EOS and ignoring pad/BOS."""
-        out = []
-        for seq in ids:
-            clean = []
-            for t in seq:
-                t = int(t)
-                if t == EOS_ID:
-                    break
-                if t not in (PAD_ID, BOS_ID):
-                    clean.append(t)
-            out.append(self.tgt.decode(clean))
-        return out
+        return [self.tgt.decode(cut_at_eos(seq)) for seq in ids]
 
     def save(self, run_dir: str | Path) -> None:
         """Copies the model file(s) into run_dir under fixed names."""
