@@ -24,7 +24,7 @@ import pytest
 
 from conftest import FAST, ROOT, TINY, cli, cli_here, tiny_config
 from transformer_mt import tokenizer as tok_lib
-from transformer_mt.checkpoint import Checkpoints
+from transformer_mt.checkpoint import Checkpoints, write_reason
 from transformer_mt.trainer import HOLD_ENV, train
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -120,6 +120,37 @@ def test_full_disk_keeps_earlier_checkpoints(uninterrupted, tmp_path):
     checkpoints = Checkpoints(run / "checkpoints")
     assert checkpoints.steps() == [25, 30]
     assert same_state(checkpoints.read_state(STEPS), before)
+
+
+LONG = "/tmp/pytest-of-root/pytest-63/test_full_disk_keeps_earlier_c0/run/checkpoints/35.orbax-checkpoint-tmp"
+TS_MESSAGE = (f'OUT_OF_RANGE: Error writing "opt_state.1.0.count/0" in OCDBT database at local file "{LONG}/state/ocdbt.process_0/": '
+              f'Failed writing: "{LONG}/state/ocdbt.process_0/d/b826": Failed to write 128200 bytes to file 18: ')
+
+
+@pytest.mark.parametrize("error, reason", [
+    (ValueError(TS_MESSAGE + "File too large [os_error_code='27']"), "File too large (errno 27)"),
+    (ValueError(TS_MESSAGE + "File too large [os_error_code=27]"), "File too large (errno 27)"),
+    # orbax re-raises a background save's failure wrapped, or as an exception group
+    (RuntimeError("async save failed").with_traceback(None), "async save failed"),
+    (ExceptionGroup("save failed", [ValueError(TS_MESSAGE + "No space left on device")]), "No space left on device (errno 28)"),
+    (OSError(28, "No space left on device"), "No space left on device (errno 28)"),
+    # no errno anywhere: the innermost cause (the end of the line) survives, not the start of a path
+    (ValueError(TS_MESSAGE + "disk on fire"), "... "),
+])
+def test_write_reason_finds_the_os_error_in_any_wrapping(error, reason):
+    assert write_reason(error).startswith(reason)
+    assert len(write_reason(error)) <= 300
+
+
+def test_write_reason_reads_chained_causes():
+    try:
+        try:
+            raise ValueError(TS_MESSAGE + "File too large [os_error_code='27']")
+        except ValueError as inner:
+            raise RuntimeError("Checkpoint save failed") from inner
+    except RuntimeError as outer:
+        assert write_reason(outer) == "File too large (errno 27)"
+    assert write_reason(ValueError(TS_MESSAGE + "disk on fire")).endswith("disk on fire")
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted, tmp_path):

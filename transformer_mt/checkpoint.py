@@ -11,7 +11,9 @@ to restore: `restore_newest` then moves it aside and falls back to the one befor
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import re
 import shutil
 import sys
@@ -244,19 +246,50 @@ def _orbax_leftover(unraisable) -> bool:
 def write_error(directory: Path, e: Exception) -> CheckpointWriteError:
     """A failed save in one line: the step, the reason (an OS error's name and errno where orbax
     or tensorstore report one) and the newest checkpoint that is complete on disk."""
-    message = str(e)
-    os_error = re.search(r"([A-Z][A-Za-z ]+) \[os_error_code='?(\d+)'?\]", message)
-    if isinstance(e, OSError) and e.strerror:
-        reason = f"{e.strerror} (errno {e.errno})"
-    elif os_error:
-        reason = f"{os_error.group(1)} (errno {os_error.group(2)})"
-    else:
-        reason = error_line(e)
+    message = "\n".join(str(x) for x in _chain(e))
     failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", message)
     what = f"checkpoint {failed.group(1)}" if failed else "a checkpoint"
     newest = complete_steps(directory)
     kept = f"newest complete checkpoint: step {newest[-1]}" if newest else "no complete checkpoint yet"
-    return CheckpointWriteError(f"cannot write {what} in {directory}: {reason}; {kept}")
+    return CheckpointWriteError(f"cannot write {what} in {directory}: {write_reason(e)}; {kept}")
+
+
+# Errors a save meets on a full, read-only or failing disk, by the text the C library gives them.
+_DISK_ERRNOS = [getattr(errno, name) for name in
+                ("ENOSPC", "EFBIG", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EMFILE", "ENAMETOOLONG")
+                if hasattr(errno, name)]
+
+
+def write_reason(e: BaseException) -> str:
+    """Why a save failed, without the paths: tensorstore nests its causes ("writing X: writing Y:
+    Failed to write N bytes: File too large [os_error_code=27]") and orbax may wrap them again, in
+    an exception group or a chained exception, so the whole chain is searched."""
+    chain = _chain(e)
+    for x in chain:
+        if isinstance(x, OSError) and x.strerror:
+            return f"{x.strerror} (errno {x.errno})"
+    text = "\n".join(str(x) for x in chain)
+    coded = re.search(r"([A-Z][A-Za-z ]+?) ?\[os_error_code='?(\d+)'?\]", text)
+    if coded:
+        return f"{coded.group(1)} (errno {coded.group(2)})"
+    for code in _DISK_ERRNOS:
+        if os.strerror(code) in text:
+            return f"{os.strerror(code)} (errno {code})"
+    line = error_line(e, limit=None)
+    return line if len(line) <= 300 else "... " + line[-296:]
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e`, its causes and contexts, and the members of exception groups, each once."""
+    seen, todo, out = set(), [e], []
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        out.append(x)
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return out
 
 
 def complete_steps(directory: Path) -> list[int]:
@@ -282,10 +315,10 @@ def first_difference(model: Any, checkpoint: Any,
     return None
 
 
-def error_line(e: BaseException) -> str:
+def error_line(e: BaseException, limit: int | None = 300) -> str:
     """The first line of an exception's message (orbax and tensorstore messages run long)."""
     line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line.split(" See full TensorStore details")[0][:300]
+    return line.split(" See full TensorStore details")[0][:limit]
 
 
 def _path(keys) -> str:
