@@ -130,6 +130,7 @@ TS_MESSAGE = (f'OUT_OF_RANGE: Error writing "opt_state.1.0.count/0" in OCDBT dat
 @pytest.mark.parametrize("error, reason", [
     (ValueError(TS_MESSAGE + "File too large [os_error_code='27']"), "File too large (errno 27)"),
     (ValueError(TS_MESSAGE + "File too large [os_error_code=27]"), "File too large (errno 27)"),
+    (ValueError(TS_MESSAGE + "File too large [os_error_code=27, source='file.cc:12']"), "File too large (errno 27)"),
     # orbax re-raises a background save's failure wrapped, or as an exception group
     (RuntimeError("async save failed").with_traceback(None), "async save failed"),
     (ExceptionGroup("save failed", [ValueError(TS_MESSAGE + "No space left on device")]), "No space left on device (errno 28)"),

@@ -269,7 +269,7 @@ def write_reason(e: BaseException) -> str:
         if isinstance(x, OSError) and x.strerror:
             return f"{x.strerror} (errno {x.errno})"
     text = "\n".join(str(x) for x in chain)
-    coded = re.search(r"([A-Z][A-Za-z ]+?) ?\[os_error_code='?(\d+)'?\]", text)
+    coded = re.search(r"([A-Z][A-Za-z ]+?) ?\[os_error_code='?(\d+)", text)
     if coded:
         return f"{coded.group(1)} (errno {coded.group(2)})"
     for code in _DISK_ERRNOS:
