@@ -134,12 +134,16 @@ def test_batch_plan_is_tight_and_complete(lengths, batch_tokens, multiple):
     plan = decode_batches.plan_batches(lengths, buckets, batch_tokens, multiple)
     assert sorted(i for _, _, chunk in plan for i in chunk) == list(range(len(lengths)))
     for length, rows, chunk in plan:
-        assert all(lengths[i] <= length for i in chunk) and length in buckets
-        assert rows >= len(chunk) and rows % multiple == 0
-        assert rows == -(-decode_batches.row_bucket(len(chunk)) // multiple) * multiple
-        if multiple == 1:
+        # one bucket a batch: every sentence is padded to its own bucket, whatever its neighbours
+        assert all(decode_batches.bucket_for(lengths[i], buckets) == length for i in chunk)
+        assert rows >= len(chunk) and rows % multiple == 0 and rows >= 2 * multiple
+        assert rows == -(-max(decode_batches.row_bucket(len(chunk)), 2 * multiple) // multiple) * multiple
+        if multiple == 1 and len(chunk) > 1:
             assert 3 * (rows - len(chunk)) <= rows  # at most a third of a batch is padding
         assert len(chunk) == 1 or len(chunk) * length <= batch_tokens
+    # tight: a batch ends only where the bucket changes or the budget is full
+    for (length, _, chunk), (next_length, _, _) in zip(plan, plan[1:]):
+        assert next_length != length or (len(chunk) + 1) * length > batch_tokens
 
 
 def test_cli_sampling_and_prefixes(trained_run, tmp_path):

@@ -1,7 +1,8 @@
 """Batch planning for decoding: which length-sorted sentences go together, in what padded shape.
 
-Sources are padded to the buckets of training and batches take a row count from a short
-ladder (`row_bucket`), so jit compiles a bounded number of search programs whatever the input.
+Sources are padded to their own buckets of training (one bucket a batch) and batches take a row
+count from a short ladder (`row_bucket`), so jit compiles a bounded number of search programs
+whatever the input, and a sentence's translation does not depend on what else is in its batch.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from transformer_mt.data import bucket_for
+
+
+MIN_ROWS_PER_DEVICE = 2
 
 
 def next_power_of_two(n: int) -> int:
@@ -32,22 +36,23 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_tokens: i
     """Splits length-sorted sentences (each within the largest bucket, as `Translator._fit` cuts
     them) into (source length, rows, positions in `lengths`) batches.
 
-    A batch takes the next sentences while their padded source tokens (count x the bucket of its
-    longest) stay within batch_tokens. Its rows are the sentence count rounded up by `row_bucket`
-    (and to a multiple of the data-parallel size), so a small input is not decoded at the size of
-    a full batch, at most a third of a batch is padding, and the compiled shapes stay few: a
-    file's full batches of one bucket share a shape. rows_for replaces `row_bucket` (the server
-    pads to powers of two, so its shapes are a small set it compiles at start).
+    A batch holds sentences of one length bucket only, as many as fit batch_tokens padded source
+    tokens. So a sentence's padded shape (its bucket, and the search's step limit and cache that
+    follow from it) is a function of the sentence alone, never of its neighbours: its sums run over
+    the same padded lengths in a file, in a pipe and in a server's batch, and a near-tie between two
+    words cannot be decided differently (padding the same sentence to 20 or to 24 tokens moves its
+    bf16 scores in the third decimal). Rows: the sentence count rounded up by `rows_for`
+    (`row_bucket` by default; the server pads to powers of two, a small set compiled at start),
+    to a multiple of the data-parallel size, and at least 2 rows a device (a 1-row product runs
+    another kernel on CPU, and its last bits differ).
     """
     batches, start = [], 0
     while start < len(lengths):
         end, length = start + 1, bucket_for(lengths[start], buckets)
-        while end < len(lengths):
-            longer = bucket_for(lengths[end], buckets)
-            if (end + 1 - start) * longer > batch_tokens:
-                break
-            end, length = end + 1, longer
-        rows = rows_for(end - start)
+        while (end < len(lengths) and bucket_for(lengths[end], buckets) == length
+               and (end + 1 - start) * length <= batch_tokens):
+            end += 1
+        rows = max(rows_for(end - start), MIN_ROWS_PER_DEVICE * row_multiple)
         rows = -(-rows // row_multiple) * row_multiple
         batches.append((length, rows, list(range(start, end))))
         start = end
