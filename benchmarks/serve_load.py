@@ -80,6 +80,12 @@ def start_server(run: str, cpu_devices: int, extra: list[str]):
     raise SystemExit(f"serve did not start (exit {proc.wait()})")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(current, peak) resident set size of a process in MiB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -170,15 +176,19 @@ def main() -> None:
                 print(f"warm-up at {clients} clients ({warm['requests']} requests): {warm['errors']} errors, "
                       f"{warm['mismatches']} mismatches; {health(url)['programs']} programs", flush=True)
         programs = health(url)["programs"]
-        print("clients  requests  p50 ms  p95 ms  p99 ms  sent/s  vs file  errors  mismatches  new programs  RSS MiB")
+        print("clients  requests  p50 ms  p95 ms  p99 ms  sent/s  vs file  errors  mismatches  new programs  RSS MiB"
+              "  server CPU  clients' CPU")
         for clients in levels:
             n = args.requests if clients > 1 else max(1, args.requests // 5)
+            server_cpu, own_cpu, start = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
             r = asyncio.run(load(url, sentences, ref["lines"], clients, args.beam, requests=n))
+            wall = time.perf_counter() - start
+            server_cpu, own_cpu = (cpu_seconds(proc.pid) - server_cpu) / wall, (time.process_time() - own_cpu) / wall
             h = health(url)
             rss, peak = rss_mb(proc.pid)
             print(f"{clients:7d}  {r['requests']:8d}  {r['p50_ms']:6.1f}  {r['p95_ms']:6.1f}  {r['p99_ms']:6.1f}  "
                   f"{r['sent_per_s']:6.1f}  {r['sent_per_s'] / file_rate:6.0%}  {r['errors']:6d}  "
-                  f"{r['mismatches']:10d}  {h['programs'] - programs:12d}  {rss:7.0f}"
+                  f"{r['mismatches']:10d}  {h['programs'] - programs:12d}  {rss:7.0f}  {server_cpu:9.0%}  {own_cpu:12.0%}"
                   + (f"  {r['first_errors']}" if r["errors"] else ""), flush=True)
         if args.soak:
             rss_start, _ = rss_mb(proc.pid)

@@ -1,0 +1,95 @@
+"""Does a sentence's translation depend on what else is in its batch? Counts the test_2016 lines
+whose translation differs from the whole file's when the file is decoded in random groups (as the
+server's batching cycles cut it), with `translate`'s row ladder and with the server's powers of
+two, greedy and beam 4, at the run's default decoding precision.
+
+    python benchmarks/batch_invariance.py --checkpoint RUN [--seeds 3] [--max-group 64] [--mixed]
+
+--mixed also runs the batch plan of before 2026-12-03 (a batch's sources padded to the bucket of
+its longest sentence, so a sentence's padding depended on its neighbours) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformer_mt import compile_cache  # noqa: E402
+from transformer_mt.sharding import split_cpu  # noqa: E402
+
+
+def mixed_plan(lengths, buckets, batch_tokens, row_multiple=1, rows_for=None):
+    """The old plan: a batch runs on into longer buckets while its padded tokens fit."""
+    from transformer_mt.data import bucket_for
+    from transformer_mt.decode_batches import row_bucket
+
+    rows_for = rows_for or row_bucket
+    batches, start = [], 0
+    while start < len(lengths):
+        end, length = start + 1, bucket_for(lengths[start], buckets)
+        while end < len(lengths):
+            longer = bucket_for(lengths[end], buckets)
+            if (end + 1 - start) * longer > batch_tokens:
+                break
+            end, length = end + 1, longer
+        rows = max(rows_for(end - start), 2 * row_multiple)
+        batches.append((length, -(-rows // row_multiple) * row_multiple, list(range(start, end))))
+        start = end
+    return batches
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--max-group", type=int, default=64)
+    p.add_argument("--beams", default="1,4")
+    p.add_argument("--cpu-devices", type=int, default=2)
+    p.add_argument("--mixed", action="store_true", help="also the old, neighbour-dependent plan")
+    args = p.parse_args()
+    split_cpu(args.cpu_devices)
+    compile_cache.enable()
+    from transformer_mt import search
+    from transformer_mt.decode_batches import row_bucket
+    from transformer_mt.rundir import load_run
+    from transformer_mt.serve.engine import rows_for as server_rows
+
+    cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint)
+    translator = search.Translator(cfg, graphdef, tok, mesh)
+    multiple = len(mesh.devices.flat)
+    with gzip.open(ROOT / "data" / "multi30k" / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    plans = [("one bucket a batch", search.plan_batches)] + ([("mixed buckets (old)", mixed_plan)] if args.mixed else [])
+    print(f"checkpoint step {step}, precision {cfg.decode.precision}, {multiple} device(s), {len(lines)} lines")
+    print("plan                 beam  rows          grouping              lines that differ from the file")
+    for plan_name, plan in plans:
+        search.plan_batches = plan
+        for beam in [int(b) for b in args.beams.split(",")]:
+            settings = search.settings_from(cfg, beam_size=beam)
+            translator.rows_for = row_bucket
+            reference = [h[0][0] for h in translator.translate_lines(params, lines, settings)]
+            for rows_name, rows in [("translate's", row_bucket), ("server's", lambda n: server_rows(n, multiple))]:
+                translator.rows_for = rows
+                for seed in range(args.seeds):
+                    rng = np.random.default_rng(seed)
+                    out, start, t0 = [], 0, time.perf_counter()
+                    while start < len(lines):
+                        size = int(rng.integers(1, args.max_group + 1))
+                        out += [h[0][0] for h in translator.translate_lines(params, lines[start:start + size], settings)]
+                        start += size
+                    differ = [k + 1 for k, (a, b) in enumerate(zip(out, reference)) if a != b]
+                    print(f"{plan_name:20s} {beam:4d}  {rows_name:12s}  groups of 1-{args.max_group}, seed {seed}  "
+                          f"{len(differ):4d} {differ[:8]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    search.plan_batches = plans[0][1]
+
+
+if __name__ == "__main__":
+    main()
