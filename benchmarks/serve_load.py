@@ -10,17 +10,22 @@
    adds a pass over the test set at each client count), and notes the count of compiled programs.
 3. For each client count: every client sends single sentences (POST /v1/translate) one after
    another until --requests are answered; prints p50/p95/p99 latency, sentences/s, errors and
-   mismatches, programs compiled since warm-up, and the server's RSS.
+   mismatches, programs compiled since warm-up, the server's RSS, the CPU the server and the
+   clients used (of the machine's cores), lines a batching cycle, and the server's sentences per
+   CPU-second against `translate`'s (how well batching works, whatever the clients take).
 4. --soak: 32 clients for --soak-minutes (10); RSS at start and end.
 
-The clients run in this process (asyncio + httpx) on the same CPU as the server: their own CPU
-time is part of what the server's latency pays for.
+The clients (asyncio + httpx, each its own connection) run in --client-procs processes (4) on the
+same CPU as the server: their CPU time, printed, is part of what the server's latency pays for.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import multiprocessing
+import resource
 import gzip
 import json
 import os
@@ -55,10 +60,11 @@ def offline_main(run: str, beam: int, cpu_devices: int) -> None:
     lines = read_test()
     times = []
     for _ in range(2):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = [h[0][0] for h in translator.translate_lines(params, lines, settings)]
         times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": times, "lines": out, "step": step}))
+    cpu = time.process_time() - cpu  # the second pass, all threads
+    print(json.dumps({"seconds": times, "cpu_seconds": cpu, "lines": out, "step": step}))
 
 
 def offline(run: str, beam: int, cpu_devices: int) -> dict:
@@ -119,15 +125,41 @@ async def load(url: str, sentences: list[str], reference: list[str], clients: in
             except httpx.HTTPError as e:
                 errors.append(repr(e))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - start
+    async def user():  # its own client and connection, as separate users have (a pool shared by 64
+        # tasks cost the clients 80% of a core and made some of them wait for a connection)
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=120) as http:
+            await client(http)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(clients)))
+    return {"latencies": latencies, "wall": time.perf_counter() - start, "errors": errors, "mismatches": mismatches}
+
+
+def _load_in_process(args) -> dict:
+    return asyncio.run(load(*args[:5], requests=args[5], seconds=args[6]))
+
+
+def run_load(url: str, sentences: list[str], reference: list[str], clients: int, beam: int, procs: int,
+             requests: int | None = None, seconds: float | None = None) -> dict:
+    """`load` split over `procs` client processes (one Python event loop sends ~250 requests/s at
+    most here, and became the bottleneck); returns latency quantiles, sentences/s and the clients'
+    CPU seconds."""
+    procs = max(1, min(procs, clients))
+    shares = [clients // procs + (k < clients % procs) for k in range(procs)]
+    jobs = [(url, sentences, reference, c, beam, None if requests is None else requests * c // clients, seconds)
+            for c in shares]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = list(pool.map(_load_in_process, jobs))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    latencies = [x for r in parts for x in r["latencies"]]
+    errors = [e for r in parts for e in r["errors"]]
+    wall = max(r["wall"] for r in parts)
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
     return {"clients": clients, "requests": len(latencies), "p50_ms": q[49] * 1000, "p95_ms": q[94] * 1000,
             "p99_ms": q[98] * 1000, "sent_per_s": len(latencies) / wall, "errors": len(errors),
-            "mismatches": mismatches, "first_errors": errors[:3]}
+            "mismatches": sum(r["mismatches"] for r in parts), "first_errors": errors[:3],
+            "client_cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
 
 
 def health(url: str) -> dict:
@@ -143,6 +175,7 @@ def main() -> None:
     p.add_argument("--clients", default="1,8,32,64", help="client counts, comma-separated")
     p.add_argument("--requests", type=int, default=1000, help="requests per client count (1 client: a fifth)")
     p.add_argument("--cpu-devices", type=int, default=2, help="for both the server and the offline translation")
+    p.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
     p.add_argument("--soak", action="store_true", help="then 32 clients for --soak-minutes")
     p.add_argument("--soak-minutes", type=float, default=10.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for serve (repeatable)")
@@ -156,8 +189,10 @@ def main() -> None:
     sentences = read_test()
     ref = offline(args.checkpoint, args.beam, args.cpu_devices)
     file_rate = len(sentences) / ref["seconds"][1]
+    file_per_cpu = len(sentences) / ref["cpu_seconds"]  # sentences per CPU-second of translate
     print(f"translate (file, {len(sentences)} sentences, beam {args.beam}, {args.cpu_devices} device(s)): "
-          f"{ref['seconds'][1]:.2f} s = {file_rate:.1f} sent/s (first pass {ref['seconds'][0]:.2f} s)", flush=True)
+          f"{ref['seconds'][1]:.2f} s = {file_rate:.1f} sent/s (first pass {ref['seconds'][0]:.2f} s); "
+          f"{file_per_cpu:.0f} sentences per CPU-second", flush=True)
 
     proc, url, ready_s, ready_line = start_server(args.checkpoint, args.cpu_devices, args.server_arg)
     print(f"serve: start to ready {ready_s:.2f} s: {ready_line}", flush=True)
@@ -171,28 +206,30 @@ def main() -> None:
               f"error: {h['warm_up']['error']})", flush=True)
         if args.client_warm_up:  # one pass at each client count
             for clients in levels:
-                warm = asyncio.run(load(url, sentences, ref["lines"], clients, args.beam,
-                                        requests=len(sentences) if clients > 1 else 100))
+                warm = run_load(url, sentences, ref["lines"], clients, args.beam, args.client_procs,
+                                requests=len(sentences) if clients > 1 else 100)
                 print(f"warm-up at {clients} clients ({warm['requests']} requests): {warm['errors']} errors, "
                       f"{warm['mismatches']} mismatches; {health(url)['programs']} programs", flush=True)
         programs = health(url)["programs"]
         print("clients  requests  p50 ms  p95 ms  p99 ms  sent/s  vs file  errors  mismatches  new programs  RSS MiB"
-              "  server CPU  clients' CPU")
+              "  server CPU  clients' CPU  lines a cycle  server sent/CPU-s vs file")
         for clients in levels:
             n = args.requests if clients > 1 else max(1, args.requests // 5)
+            cycles = health(url)["batches"]
             server_cpu, own_cpu, start = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
-            r = asyncio.run(load(url, sentences, ref["lines"], clients, args.beam, requests=n))
+            r = run_load(url, sentences, ref["lines"], clients, args.beam, args.client_procs, requests=n)
             wall = time.perf_counter() - start
-            server_cpu, own_cpu = (cpu_seconds(proc.pid) - server_cpu) / wall, (time.process_time() - own_cpu) / wall
+            server_cpu, own_cpu = (cpu_seconds(proc.pid) - server_cpu) / wall, r["client_cpu_s"] / wall
             h = health(url)
+            per_cycle = r["requests"] / max(1, h["batches"] - cycles)
             rss, peak = rss_mb(proc.pid)
             print(f"{clients:7d}  {r['requests']:8d}  {r['p50_ms']:6.1f}  {r['p95_ms']:6.1f}  {r['p99_ms']:6.1f}  "
                   f"{r['sent_per_s']:6.1f}  {r['sent_per_s'] / file_rate:6.0%}  {r['errors']:6d}  "
-                  f"{r['mismatches']:10d}  {h['programs'] - programs:12d}  {rss:7.0f}  {server_cpu:9.0%}  {own_cpu:12.0%}"
+                  f"{r['mismatches']:10d}  {h['programs'] - programs:12d}  {rss:7.0f}  {server_cpu:9.0%}  {own_cpu:12.0%}  {per_cycle:13.1f}  {r['sent_per_s'] / server_cpu / file_per_cpu:25.0%}"
                   + (f"  {r['first_errors']}" if r["errors"] else ""), flush=True)
         if args.soak:
             rss_start, _ = rss_mb(proc.pid)
-            r = asyncio.run(load(url, sentences, ref["lines"], 32, args.beam, seconds=args.soak_minutes * 60))
+            r = run_load(url, sentences, ref["lines"], 32, args.beam, args.client_procs, seconds=args.soak_minutes * 60)
             rss_end, peak = rss_mb(proc.pid)
             print(f"soak: 32 clients, {args.soak_minutes:g} min, {r['requests']} requests, {r['sent_per_s']:.1f} "
                   f"sent/s, p99 {r['p99_ms']:.0f} ms, {r['errors']} errors, {r['mismatches']} mismatches; RSS "

@@ -127,23 +127,24 @@ def test_compiled_programs_are_bounded_for_mixed_lengths(run):
 
 @hsettings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(2, 40), min_size=1, max_size=300), st.sampled_from([64, 256, 1024, 4096]),
-       st.sampled_from([1, 2, 4]))
-def test_batch_plan_is_tight_and_complete(lengths, batch_tokens, multiple):
+       st.sampled_from([1, 2, 4]), st.booleans())
+def test_batch_plan_is_tight_and_complete(lengths, batch_tokens, multiple, one_bucket):
     lengths = sorted(lengths)
     buckets = [8, 16, 24, 32, 40]
-    plan = decode_batches.plan_batches(lengths, buckets, batch_tokens, multiple)
+    plan = decode_batches.plan_batches(lengths, buckets, batch_tokens, multiple, one_bucket=one_bucket)
     assert sorted(i for _, _, chunk in plan for i in chunk) == list(range(len(lengths)))
     for length, rows, chunk in plan:
-        # one bucket a batch: every sentence is padded to its own bucket, whatever its neighbours
-        assert all(decode_batches.bucket_for(lengths[i], buckets) == length for i in chunk)
+        assert length == decode_batches.bucket_for(lengths[chunk[-1]], buckets)  # the longest's bucket
+        if one_bucket:  # every sentence is padded to its own bucket, whatever its neighbours
+            assert all(decode_batches.bucket_for(lengths[i], buckets) == length for i in chunk)
         assert rows >= len(chunk) and rows % multiple == 0 and rows >= 2 * multiple
         assert rows == -(-max(decode_batches.row_bucket(len(chunk)), 2 * multiple) // multiple) * multiple
         if multiple == 1 and len(chunk) > 1:
             assert 3 * (rows - len(chunk)) <= rows  # at most a third of a batch is padding
         assert len(chunk) == 1 or len(chunk) * length <= batch_tokens
-    # tight: a batch ends only where the bucket changes or the budget is full
+    # tight: a batch ends only where the budget is full (or, one_bucket, where the bucket changes)
     for (length, _, chunk), (next_length, _, _) in zip(plan, plan[1:]):
-        assert next_length != length or (len(chunk) + 1) * length > batch_tokens
+        assert (next_length != length and one_bucket) or (len(chunk) + 1) * next_length > batch_tokens
 
 
 def test_cli_sampling_and_prefixes(trained_run, tmp_path):

@@ -104,10 +104,24 @@ def settings_from_args(cfg: Config, args) -> SearchSettings:
                          seed=args.seed, precision=getattr(args, "precision", None))
 
 
+_BY_IDENTITY: dict[tuple, tuple] = {}  # (id(graphdef), settings...) -> (graphdef, program)
+
+
 def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
                     sampler: tuple[float, int, float] | None = None, precision: str = "float32"):
-    """jit(encode + search); see _compiled_search (one cache key however the arguments are passed)."""
-    return _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision)
+    """jit(encode + search); see _compiled_search (one cache key however the arguments are passed).
+
+    Looked up by the graphdef's identity first: hashing a graphdef walks the whole model
+    structure (3 ms on the default model), which a file of 10,000 lines paid once a batch."""
+    key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision)
+    hit = _BY_IDENTITY.get(key)
+    if hit is not None and hit[0] is graphdef:
+        return hit[1]
+    fn = _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision)
+    if len(_BY_IDENTITY) >= 256:
+        _BY_IDENTITY.clear()
+    _BY_IDENTITY[key] = (graphdef, fn)
+    return fn
 
 
 @functools.lru_cache(maxsize=64)
@@ -167,6 +181,7 @@ class Translator:
         self.buckets = tuple(cfg.data.bucket_lengths)
         self.truncated = 0  # lines translate_lines cut to the largest bucket
         self.rows_for = row_bucket  # rows a batch of n sentences is padded to (plan_batches)
+        self.one_bucket = True  # a batch holds one length bucket (plan_batches; the server mixes them)
 
     def _fit(self, ids: list[int]) -> list[int]:
         """Source ids (ending in EOS) cut to the largest bucket (translate_lines warns and counts)."""
@@ -192,7 +207,7 @@ class Translator:
         todo = [i for i, s in enumerate(sources) if len(s) > 1]
         todo.sort(key=lambda i: len(sources[i]))
         batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
-                               sharding.data_size(self.mesh), self.rows_for)
+                               sharding.data_size(self.mesh), self.rows_for, self.one_bucket)
         sampler = settings.sampler_args()
         sampler = None if sampler is None else (float(settings.temperature), *sampler)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,

@@ -86,4 +86,6 @@ def put_state(mesh: Mesh, state):
 def put_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]):
     """This process's rows -> global arrays sharded along "data" (works on one or many hosts)."""
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:  # one batched transfer: half the time of an array at a time
+        return jax.device_put(local_batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

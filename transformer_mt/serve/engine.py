@@ -82,6 +82,7 @@ class Engine:
         multiple = sharding.data_size(mesh)
         self.row_multiple = multiple
         self.translator.rows_for = lambda n: rows_for(n, multiple)
+        self.translator.one_bucket = False  # a cycle's few lines of many lengths: one search loop
         self.max_rows = MAX_ROWS
         self.warm_total = self.warm_done = 0  # shapes the warm-up compiles; those done
         self.warm_error: BaseException | None = None
