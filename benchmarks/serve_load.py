@@ -44,7 +44,7 @@ def read_test() -> list[str]:
         return [line.rstrip("\n") for line in f]
 
 
-def offline_main(run: str, beam: int, cpu_devices: int) -> None:
+def offline_main(run: str, beam: int, cpu_devices: int, precision: str | None = None) -> None:
     """(subprocess) translate the test set twice the way `translate` does; print JSON."""
     from transformer_mt import compile_cache
     from transformer_mt.sharding import split_cpu
@@ -56,7 +56,7 @@ def offline_main(run: str, beam: int, cpu_devices: int) -> None:
 
     cfg, graphdef, params, tok, step, mesh = load_run(run)
     translator = tr.Translator(cfg, graphdef, tok, mesh)
-    settings = tr.settings_from(cfg, beam_size=beam)
+    settings = tr.settings_from(cfg, beam_size=beam, precision=precision)
     lines = read_test()
     times = []
     for _ in range(2):
@@ -67,10 +67,11 @@ def offline_main(run: str, beam: int, cpu_devices: int) -> None:
     print(json.dumps({"seconds": times, "cpu_seconds": cpu, "lines": out, "step": step}))
 
 
-def offline(run: str, beam: int, cpu_devices: int) -> dict:
+def offline(run: str, beam: int, cpu_devices: int, precision: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, __file__, "--offline", "--checkpoint", run, "--beam", str(beam),
-                          "--cpu-devices", str(cpu_devices)], capture_output=True, text=True, env=env, check=True)
+                          "--cpu-devices", str(cpu_devices)] + (["--precision", precision] if precision else []),
+                         capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout)
 
 
@@ -175,6 +176,7 @@ def main() -> None:
     p.add_argument("--clients", default="1,8,32,64", help="client counts, comma-separated")
     p.add_argument("--requests", type=int, default=1000, help="requests per client count (1 client: a fifth)")
     p.add_argument("--cpu-devices", type=int, default=2, help="for both the server and the offline translation")
+    p.add_argument("--precision", help="decoding precision of both the server and the reference (default: the run's)")
     p.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
     p.add_argument("--soak", action="store_true", help="then 32 clients for --soak-minutes")
     p.add_argument("--soak-minutes", type=float, default=10.0)
@@ -184,17 +186,18 @@ def main() -> None:
     p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.offline:
-        return offline_main(args.checkpoint, args.beam, args.cpu_devices)
+        return offline_main(args.checkpoint, args.beam, args.cpu_devices, args.precision)
 
     sentences = read_test()
-    ref = offline(args.checkpoint, args.beam, args.cpu_devices)
+    ref = offline(args.checkpoint, args.beam, args.cpu_devices, args.precision)
     file_rate = len(sentences) / ref["seconds"][1]
     file_per_cpu = len(sentences) / ref["cpu_seconds"]  # sentences per CPU-second of translate
     print(f"translate (file, {len(sentences)} sentences, beam {args.beam}, {args.cpu_devices} device(s)): "
           f"{ref['seconds'][1]:.2f} s = {file_rate:.1f} sent/s (first pass {ref['seconds'][0]:.2f} s); "
           f"{file_per_cpu:.0f} sentences per CPU-second", flush=True)
 
-    proc, url, ready_s, ready_line = start_server(args.checkpoint, args.cpu_devices, args.server_arg)
+    proc, url, ready_s, ready_line = start_server(args.checkpoint, args.cpu_devices, args.server_arg + (
+        ["--precision", args.precision] if args.precision else []))
     print(f"serve: start to ready {ready_s:.2f} s: {ready_line}", flush=True)
     try:
         levels = [int(c) for c in args.clients.split(",")]

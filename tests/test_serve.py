@@ -474,3 +474,13 @@ def test_web_page_translates_in_a_real_browser(engine, trained_run, tmp_path):
     target_pieces = engine.translator.tok.encode_tgt([text])[0]
     assert len(rows) == len(target_pieces) + 1  # a row per target piece and </s>
     assert title == "English → German"
+
+
+def test_serve_precision_applies_to_every_request(engine, monkeypatch):
+    """`serve --precision float32` decodes every request, whatever its options, in float32 (the
+    setting under which answers equal translate's line for line)."""
+    assert engine.settings(beam_size=1).precision == engine.settings().precision
+    for precision in ("float32", "int8"):
+        monkeypatch.setattr(engine, "precision", precision)
+        assert engine.settings().precision == precision
+        assert engine.settings(beam_size=1, nbest=1).precision == precision

@@ -209,7 +209,7 @@ def _add_serve(sub) -> None:
         help="translate over HTTP: LibreTranslate's API, /v1/translate, a web page",
         description="Serve a trained run over HTTP: LibreTranslate's POST /translate and GET /languages, "
         "POST /v1/translate with every search option of `translate`, GET /health, and a web page at /. "
-        "Concurrent requests are decoded together; each answer equals what `translate` gives for its lines. "
+        "Concurrent requests are decoded together; each answer is what `translate` gives for its lines. "
         "Needs the optional extra: pip install 'transformer_mt[serve]'.",
         epilog="SIGTERM or SIGINT stops accepting, answers the requests in flight, and exits 0.",
     )
@@ -228,6 +228,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--cpu-devices", type=int, metavar="N",
                    help=f"on a CPU, split it into N devices that decode each batch's rows side by side "
                    f"(default {DECODE_CPU_DEVICES}); see translate --help")
+    p.add_argument("--precision", choices=("auto", "float32", "bf16", "int8"),
+                   help="matmul inputs while decoding, as translate --precision (default: the run's "
+                   "decode.precision, auto). float32 answers equal translate's line for line; bf16 can "
+                   "differ on a near-tie (about 1 line in 1,000) as the batch's row count changes")
     p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
 
 

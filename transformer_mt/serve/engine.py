@@ -71,8 +71,9 @@ def rows_for(n: int, multiple: int) -> int:
 class Engine:
     """A trained run, ready to translate lines with any search settings the run allows."""
 
-    def __init__(self, run_dir: str, step: int | None = None, last: bool = False):
+    def __init__(self, run_dir: str, step: int | None = None, last: bool = False, precision: str | None = None):
         self.programs = ProgramCounter()
+        self.precision = precision  # decoding precision for every request (None: the run's)
         cfg, graphdef, params, tok, step, mesh = load_run(run_dir, step, last)
         self.cfg, self.params, self.step = cfg, params, step
         self.translator = Translator(cfg, graphdef, tok, mesh)
@@ -91,6 +92,8 @@ class Engine:
 
     def settings(self, **overrides) -> SearchSettings:
         """Search settings from the run's config with overrides (None = default); ConfigError when invalid."""
+        if self.precision is not None and overrides.get("precision") is None:
+            overrides["precision"] = self.precision
         return settings_from(self.cfg, **overrides)
 
     def padded_tokens(self, lines: Sequence[str]) -> list[int]:
