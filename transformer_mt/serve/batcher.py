@@ -6,11 +6,8 @@ first a line of each job in turn (up to FAIR_SHARE rounds), then more in arrival
 budget and `max_lines` last (the engine pads each batch to a power of two of at most max_lines
 rows, so the server's program shapes are a small set compiled at start). So a long request is decoded a slice at a time and a short one that arrives behind it is
 answered after one cycle, not after the whole long request. When the worker is idle it waits at
-most `max_wait` seconds after the first arrival for others to join the batch; under load (the
-last cycle decoded several lines) it waits up to a quarter of the last cycle's time (at most
-`MAX_FILL_WAIT`) for as many lines as that cycle had: the clients it answered are sending their
-next lines, and a decoding step costs about the same for 2 rows as for 32, so a few ms spent
-filling the batch buy many sentences.
+most `max_wait` seconds after the first arrival for others to join the batch. (Waiting longer
+under load, for as many lines as the last cycle had, was tried: no gain, RESULTS.md.)
 
 The decoding itself (`translate`, which sorts the lines into the row-bucketed batches of
 `transformer-mt translate`) runs in the worker thread, off the event loop; each job collects its
@@ -26,7 +23,6 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 FAIR_SHARE = 8  # lines of each waiting job per cycle before any job gets more
-MAX_FILL_WAIT = 0.020  # seconds a cycle waits at most for the lines it expects under load
 
 
 class QueueFull(Exception):
@@ -74,8 +70,6 @@ class Batcher:
         self.queued_lines = 0  # lines waiting to be taken
         self.busy_lines = 0  # lines being decoded now
         self.cycles = 0
-        self._expect = 1  # lines the last cycle decoded: what the next one waits for, briefly
-        self._last_cycle = 0.0  # seconds the last cycle's decoding took
         self._thread = threading.Thread(target=self._run, name="serve-batcher", daemon=True)
         self._thread.start()
 
@@ -117,13 +111,9 @@ class Batcher:
                 if self._stopping and not self._jobs:
                     return None
                 self._cond.wait(0.01 if self.hold is not None else None)
-            wait = self.max_wait
-            if self._expect > 1:
-                wait = max(wait, min(MAX_FILL_WAIT, self._last_cycle / 4))
-            deadline = self._jobs[0].arrived + wait
-            want = min(self.max_lines, max(2, self._expect))
+            deadline = self._jobs[0].arrived + self.max_wait
             while (sum(sum(j.costs[j.next_line:]) for j in self._jobs) < self.budget and not self._stopping
-                   and sum(j.waiting() for j in self._jobs) < want
+                   and sum(j.waiting() for j in self._jobs) < self.max_lines
                    and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
             key = self._jobs[0].key
@@ -162,7 +152,6 @@ class Batcher:
             first = slices[0][0]
             lines = [line for j, a, b in slices for line in j.lines[a:b]]
             prefixes = None if first.prefixes is None else [p for j, a, b in slices for p in j.prefixes[a:b]]
-            started = time.monotonic()
             try:
                 results = self.translate(lines, first.settings, prefixes, first.alignment,
                                          first_line=slices[0][1] + 1)
@@ -172,7 +161,6 @@ class Batcher:
             offset = 0
             with self._cond:
                 self.cycles += 1
-                self._expect, self._last_cycle = len(lines), time.monotonic() - started
                 for j, a, b in slices:
                     j.results[a:b] = results[offset: offset + b - a]
                     offset += b - a
