@@ -5,8 +5,8 @@ two, greedy and beam 4, at the run's default decoding precision.
 
     python benchmarks/batch_invariance.py --checkpoint RUN [--seeds 3] [--max-group 64] [--mixed]
 
---mixed also runs the batch plan of before 2026-12-03 (a batch's sources padded to the bucket of
-its longest sentence, so a sentence's padding depended on its neighbours) for comparison.
+--mixed also runs the server's plan (`plan_batches(one_bucket=False)`: a batch's sources padded to
+the bucket of its longest sentence, so a sentence's padding depends on its neighbours).
 """
 
 from __future__ import annotations
@@ -24,26 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 from transformer_mt import compile_cache  # noqa: E402
 from transformer_mt.sharding import split_cpu  # noqa: E402
-
-
-def mixed_plan(lengths, buckets, batch_tokens, row_multiple=1, rows_for=None):
-    """The old plan: a batch runs on into longer buckets while its padded tokens fit."""
-    from transformer_mt.data import bucket_for
-    from transformer_mt.decode_batches import row_bucket
-
-    rows_for = rows_for or row_bucket
-    batches, start = [], 0
-    while start < len(lengths):
-        end, length = start + 1, bucket_for(lengths[start], buckets)
-        while end < len(lengths):
-            longer = bucket_for(lengths[end], buckets)
-            if (end + 1 - start) * longer > batch_tokens:
-                break
-            end, length = end + 1, longer
-        rows = max(rows_for(end - start), 2 * row_multiple)
-        batches.append((length, -(-rows // row_multiple) * row_multiple, list(range(start, end))))
-        start = end
-    return batches
 
 
 def main() -> None:
@@ -67,11 +47,11 @@ def main() -> None:
     multiple = len(mesh.devices.flat)
     with gzip.open(ROOT / "data" / "multi30k" / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
-    plans = [("one bucket a batch", search.plan_batches)] + ([("mixed buckets (old)", mixed_plan)] if args.mixed else [])
+    plans = [("one bucket a batch", True)] + ([("mixed buckets", False)] if args.mixed else [])
     print(f"checkpoint step {step}, precision {cfg.decode.precision}, {multiple} device(s), {len(lines)} lines")
     print("plan                 beam  rows          grouping              lines that differ from the file")
-    for plan_name, plan in plans:
-        search.plan_batches = plan
+    for plan_name, one_bucket in plans:
+        translator.one_bucket = one_bucket  # plan_batches(one_bucket=...): translate's, or the server's
         for beam in [int(b) for b in args.beams.split(",")]:
             settings = search.settings_from(cfg, beam_size=beam)
             translator.rows_for = row_bucket
@@ -88,7 +68,6 @@ def main() -> None:
                     differ = [k + 1 for k, (a, b) in enumerate(zip(out, reference)) if a != b]
                     print(f"{plan_name:20s} {beam:4d}  {rows_name:12s}  groups of 1-{args.max_group}, seed {seed}  "
                           f"{len(differ):4d} {differ[:8]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    search.plan_batches = plans[0][1]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 
 EXIT_USER_ERROR = 2
 DECODE_CPU_DEVICES = 2  # default of --cpu-devices (sharding.split_cpu)
+DECODE_PRECISIONS = ("auto", "float32", "bf16", "int8")  # --precision (config: decode.precision)
 EXIT_INTERRUPTED = 130
 
 
@@ -86,7 +87,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len-a", type=float, help="output length limit a * src_len + b: a")
     p.add_argument("--max-len-b", type=int, help="output length limit a * src_len + b: b")
     p.add_argument("--batch-tokens", type=int, help="padded source tokens per decoding batch")
-    p.add_argument("--precision", choices=("auto", "float32", "bf16", "int8"),
+    p.add_argument("--precision", choices=DECODE_PRECISIONS,
                    help="matmul inputs: float32 (exact); bf16 (float32 sums; auto's choice on CPUs with "
                    "AVX512-BF16/AMX); int8 (per-channel scales). Default: the run's decode.precision (auto). "
                    "Measured cost in BLEU and speed: benchmarks/RESULTS.md")
@@ -228,7 +229,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--cpu-devices", type=int, metavar="N",
                    help=f"on a CPU, split it into N devices that decode each batch's rows side by side "
                    f"(default {DECODE_CPU_DEVICES}); see translate --help")
-    p.add_argument("--precision", choices=("auto", "float32", "bf16", "int8"),
+    p.add_argument("--precision", choices=DECODE_PRECISIONS,
                    help="matmul inputs while decoding, as translate --precision (default: the run's "
                    "decode.precision, auto). float32 answers equal translate's line for line; bf16 can "
                    "differ on a near-tie (about 1 line in 1,000) as the batch's row count changes")

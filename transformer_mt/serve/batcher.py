@@ -9,8 +9,8 @@ answered after one cycle, not after the whole long request. When the worker is i
 most `max_wait` seconds after the first arrival for others to join the batch. (Waiting longer
 under load, for as many lines as the last cycle had, was tried: no gain, RESULTS.md.)
 
-The decoding itself (`translate`, which sorts the lines into the row-bucketed batches of
-`transformer-mt translate`) runs in the worker thread, off the event loop; each job collects its
+The decoding itself (`translate`, which sorts the lines into length-sorted batches padded to a
+power of two of rows, `Engine`) runs in the worker thread, off the event loop; each job collects its
 own lines' results in its own order and is told once all of them are in.
 """
 
