@@ -114,7 +114,7 @@ def test_compiled_programs_are_bounded_for_mixed_lengths(run):
     words = "a man dog runs in the park with two red kids play snow".split()
     lines = [" ".join(rng.choice(words, rng.integers(1, 14))) for _ in range(150)]
     settings = search.settings_from(cfg, beam_size=1, batch_tokens=128, max_len_a=0.0, max_len_b=6)
-    fn = search.compiled_search(graphdef, 1, float(settings.alpha), 1, 6)
+    fn = translator.search_for(settings, buckets[0]).jitted  # max_len_a 0: one step limit for every bucket
     before = fn._cache_size()
     out = translator.translate_lines(params, lines, settings, progress=False)
     assert len(out) == len(lines)

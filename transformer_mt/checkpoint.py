@@ -104,15 +104,23 @@ class Checkpoints:
     @contextlib.contextmanager
     def _reading(self, step: int, target: Any):
         """Around a restore of `step` onto target: the step must exist and match target's shapes
-        (ConfigError, CheckpointMismatch); any failure to read it becomes CheckpointDamaged."""
+        (ConfigError, CheckpointMismatch); any other failure to read it becomes CheckpointDamaged."""
         if step not in self.steps():
             raise ConfigError(f"no checkpoint for step {step} in {self.directory} (have {self.steps()})")
         try:
-            self.check_matches(step, target)
             yield
-        except ConfigError:  # includes CheckpointMismatch: readable, but another model
+        except ConfigError:
             raise
         except Exception as e:  # orbax/tensorstore report damage with many exception types
+            # Another model's checkpoint fails too (orbax restores shapes strictly): name the first
+            # array that differs. Read only after a failure: the metadata of every array costs as
+            # long as the restore itself (0.5-1 s), which each translation's start paid.
+            try:
+                self.check_matches(step, target)
+            except ConfigError:  # CheckpointMismatch: readable, but another model
+                raise
+            except Exception:
+                pass
             raise CheckpointDamaged(f"checkpoint {self.directory}/{step} cannot be restored ({error_line(e)})") from e
 
     def check_matches(self, step: int, target: Any) -> None:

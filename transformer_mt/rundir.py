@@ -21,6 +21,7 @@ import jax
 from flax import nnx
 
 from transformer_mt import config as config_lib
+from transformer_mt import program_store
 from transformer_mt import sharding
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt import train_step as ts
@@ -51,6 +52,20 @@ def metrics_path(run_dir: str | Path) -> Path:
 
 def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Transformer:
     return Transformer(cfg.model, src_vocab, tgt_vocab, nnx.Rngs(params=cfg.train.seed))
+
+
+def abstract_model(cfg: Config, src_vocab: int, tgt_vocab: int):
+    """(graphdef, params as ShapeDtypeStructs) of the model `cfg` describes, without computing it.
+
+    Tracing the model's initializers for their shapes takes 2-3 s on a 2-core CPU (173 random
+    draws), more than the rest of a translation's start; the result is kept in the program store
+    (program_store.py) under the code and the config, and read back in ~10 ms."""
+    def trace():
+        model = nnx.eval_shape(lambda: build_model(cfg, src_vocab, tgt_vocab))
+        graphdef, params = nnx.split(model, nnx.Param)
+        return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+    return program_store.remembered("models", (repr(cfg.model), src_vocab, tgt_vocab, cfg.train.seed), trace)
 
 
 def load_config(run_dir: str | Path) -> Config:
@@ -122,17 +137,24 @@ class Run:
     """A run directory opened for reading: config, tokenizer, and the train state's shapes
     (built from config.yaml and the tokenizer, so a checkpoint of another model is caught)."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, params_only: bool = False):
+        """params_only: the model's params alone (what translating, scoring and --init-from
+        restore), their structure taken from the program store when it has it."""
         self.path = Path(run_dir)
         self.cfg = load_config(self.path)
         self.tok = load_tokenizer(self.path)
-        tx = ts.make_optimizer(self.cfg.train)
+        self.params_only = params_only
+        if params_only:
+            self.graphdef, params = abstract_model(self.cfg, self.tok.src_vocab_size, self.tok.tgt_vocab_size)
+            abstract = {"params": params}
+        else:
+            tx = ts.make_optimizer(self.cfg.train)
 
-        def init():
-            model = build_model(self.cfg, self.tok.src_vocab_size, self.tok.tgt_vocab_size)
-            return ts.init_state(model, tx, self.cfg.train.seed)
+            def init():
+                model = build_model(self.cfg, self.tok.src_vocab_size, self.tok.tgt_vocab_size)
+                return ts.init_state(model, tx, self.cfg.train.seed)
 
-        self.graphdef, abstract = nnx.eval_shape(init)
+            self.graphdef, abstract = nnx.eval_shape(init)
         self.mesh = sharding.make_mesh()
         repl = sharding.replicated(self.mesh)
         self.target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
@@ -141,7 +163,7 @@ class Run:
         """One checkpoint (only its params with params_only: what translation needs, 5x faster);
         raises CheckpointMismatch (another model) or CheckpointDamaged."""
         checkpoints = Checkpoints(directory, create=False)
-        if params_only:
+        if params_only or self.params_only:
             return Restored({"params": checkpoints.restore_params(step, self.target["params"])}, {}, Path(directory),
                             step)
         state, meta = checkpoints.restore(step, self.target)
@@ -166,7 +188,7 @@ def load_run(run_dir: str | Path, step: int | None = None, last: bool = False):
     A damaged checkpoint is skipped with a warning in favour of the next candidate; one that
     holds a different model than config.yaml and the tokenizer describe is an error.
     """
-    run = Run(run_dir)
+    run = Run(run_dir, params_only=True)
     restored = run.restore_first(candidate_steps(run.path, step, last), params_only=True)
     return run.cfg, run.graphdef, restored.state["params"], run.tok, restored.step, run.mesh
 
@@ -191,7 +213,7 @@ def init_params(source: str, params: Any, mesh) -> tuple[Any, str]:
     """(params of checkpoint `source`, where they came from) in place of `params`, whose model must
     have the same arrays with the same shapes; the first array that differs is named."""
     run_dir, step = parse_checkpoint_path(source)
-    run = Run(run_dir)
+    run = Run(run_dir, params_only=True)
     candidates = candidate_steps(run.path, step, False)
     restored = run.restore_first(candidates, params_only=True)
     where = f"{restored.directory}/{restored.step}"

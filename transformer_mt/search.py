@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from transformer_mt import decode as decode_lib
 from transformer_mt import matmul
+from transformer_mt import program_store
 from transformer_mt import sharding
 from transformer_mt import teacher_forcing
 from transformer_mt import tokenizer as tok_lib
@@ -104,20 +107,33 @@ def settings_from_args(cfg: Config, args) -> SearchSettings:
                          seed=args.seed, precision=getattr(args, "precision", None))
 
 
+def prefix_width(longest: int) -> int:
+    """The padded width of a batch's target prefixes: 0, or a power of two (few program shapes)."""
+    return next_power_of_two(longest) if longest else 0
+
+
+def spread_rows(count: int, rows: int, devices: int) -> list[int]:
+    """Rows of a batch of `rows` (split into `devices` equal runs, one per device) for its
+    `count` sentences: dealt round the devices, so a part-filled batch gives each device its
+    share of real rows (each searches its own rows in its own loop, which stops when they end)."""
+    per = rows // devices
+    return [(r % devices) * per + r // devices for r in range(count)]
+
+
 _BY_IDENTITY: dict[tuple, tuple] = {}  # (id(graphdef), settings...) -> (graphdef, program)
 
 
 def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                    sampler: tuple[float, int, float] | None = None, precision: str = "float32"):
+                    sampler: tuple[float, int, float] | None = None, precision: str = "float32", mesh=None):
     """jit(encode + search); see _compiled_search (one cache key however the arguments are passed).
 
     Looked up by the graphdef's identity first: hashing a graphdef walks the whole model
     structure (3 ms on the default model), which a file of 10,000 lines paid once a batch."""
-    key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision)
+    key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, mesh)
     hit = _BY_IDENTITY.get(key)
     if hit is not None and hit[0] is graphdef:
         return hit[1]
-    fn = _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision)
+    fn = _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision, mesh)
     if len(_BY_IDENTITY) >= 256:
         _BY_IDENTITY.clear()
     _BY_IDENTITY[key] = (graphdef, fn)
@@ -126,7 +142,7 @@ def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_step
 
 @functools.lru_cache(maxsize=64)
 def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                     sampler: tuple[float, int, float] | None, precision: str):
+                     sampler: tuple[float, int, float] | None, precision: str, mesh=None):
     """jit(encode + search) for one model structure and search setting, shared by every Translator
     in the process (validation BLEU during training, then `translate`).
 
@@ -134,6 +150,13 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
     [B], seed); prefix (P may be 0) holds target tokens forced first; row_ids and seed give each
     sentence its own random stream when sampling (temperature, top_k, top_p = sampler): nbest
     draws per sentence, best first. precision: the matmuls' inputs (matmul.decoding_inputs).
+
+    With a mesh whose "data" axis splits the rows, each device searches its own rows in its own
+    loop (shard_map): the loop stops when that device's rows are done, and no step waits for the
+    other devices. A jit over the whole batch ended every step with an all-reduce of `done`
+    across the devices, which on a 2-core CPU made each step wait for the slower core: 1.2-1.8x
+    slower (benchmarks/RESULTS.md, 2026-12-03). Every row is computed alone, so the answers are
+    the same either way.
     """
 
     def search(*args):
@@ -168,7 +191,45 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
                                                    nbest=nbest, reorder_cache=model.reorder_cache, **kw)
         return tokens, scores
 
-    return jax.jit(search)
+    if mesh is not None and sharding.data_size(mesh) > 1:
+        rows, whole = P(sharding.DATA), P()
+        search = jax.shard_map(search, mesh=mesh, in_specs=(whole, rows, rows, rows, rows, rows, whole),
+                               out_specs=(rows, rows), check_vma=False)
+    return SearchProgram(jax.jit(search), (program_store.structure(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision,
+                                           None if mesh is None else (mesh.devices.tolist(), mesh.axis_names)))
+
+
+class SearchProgram:
+    """A jitted search and its compiled programs by argument shapes and shardings: kept in
+    memory, loaded from the program store (program_store.py: no tracing in a new process), or
+    traced, compiled and stored. Without a store (compile cache off, several processes) it is
+    the jitted function."""
+
+    def __init__(self, jitted, settings_key: tuple):
+        self.jitted, self.settings_key = jitted, settings_key
+        self.programs: dict = {}
+        self.store = program_store.store_dir()
+
+    def __call__(self, params, *batch):
+        program = self.program(params, *batch)
+        return self.jitted(params, *batch) if program is None else program(params, *batch)
+
+    def program(self, params, *batch):
+        """The compiled program for these arguments (loaded or compiled now if need be), or None
+        without a store."""
+        if self.store is None or isinstance(batch[0], jax.core.Tracer):  # no store, or traced (make_jaxpr)
+            return None
+        signature = (tuple((a.shape, a.dtype.name, getattr(a, "sharding", None)) for a in batch),
+                     tuple((x.shape, x.dtype.name, x.sharding) for x in jax.tree.leaves(params)))
+        program = self.programs.get(signature)
+        if program is None:
+            key = program_store.program_key(self.settings_key, signature)
+            program = program_store.load(self.store, key)
+            if program is None:
+                program = program_store.compile_fresh(self.jitted.lower(params, *batch))
+                program_store.save(self.store, key, program)
+            self.programs[signature] = program
+        return program
 
 
 class Translator:
@@ -208,62 +269,82 @@ class Translator:
         todo.sort(key=lambda i: len(sources[i]))
         batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
                                sharding.data_size(self.mesh), self.rows_for, self.one_bucket)
-        sampler = settings.sampler_args()
-        sampler = None if sampler is None else (float(settings.temperature), *sampler)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
+        devices = sharding.data_size(self.mesh)
+        widths = [prefix_width(max(len(prefixes[todo[k]]) for k in chunk)) for _, _, chunk in batches]
+        self.load_programs(params, settings, {(length, rows, width) for (length, rows, _), width in zip(batches, widths)})
         pending = None  # the batch in flight: the next one is dispatched before its results are read
 
-        def collect(chunk, outputs):
+        def collect(chunk, places, outputs):
             tokens, scores = jax.device_get(outputs)
-            for r, i in enumerate(chunk):
+            for r, i in zip(places, chunk):
                 results[i] = [(tok_lib.cut_at_eos(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
             bar.update(len(chunk))
 
-        for length, rows, chunk in batches:
+        for (length, rows, chunk), width in zip(batches, widths):
             chunk = [todo[k] for k in chunk]
-            longest_prefix = max(len(prefixes[i]) for i in chunk)
-            width = next_power_of_two(longest_prefix) if longest_prefix else 0  # few program shapes
             src = np.full((rows, length), PAD_ID, np.int32)
             max_lens = np.ones((rows,), np.int32)  # all-pad filler rows stop at once
             prefix = np.full((rows, width), PAD_ID, np.int32)
             prefix_lens = np.zeros((rows,), np.int32)
             row_ids = np.zeros((rows,), np.int32)
-            for r, i in enumerate(chunk):
+            places = spread_rows(len(chunk), rows, devices)
+            for r, i in zip(places, chunk):
                 src[r, : len(sources[i])] = sources[i]
                 prefix[r, : len(prefixes[i])] = prefixes[i]
                 prefix_lens[r] = len(prefixes[i])
                 max_lens[r] = settings.max_steps(len(sources[i])) + len(prefixes[i])
                 row_ids[r] = first_index + i
-            max_steps = settings.max_steps(length) + width
-            fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest, max_steps,
-                                 sampler, settings.precision)
+            fn = self.search_for(settings, length, width)
             batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
                                                    "prefix_lens": prefix_lens, "row_ids": row_ids})
             outputs = fn(params, batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"],
                          batch["row_ids"], np.uint32(settings.seed))  # dispatched, not waited for
             if pending is not None:
                 collect(*pending)
-            pending = chunk, outputs
+            pending = chunk, places, outputs
         if pending is not None:
             collect(*pending)
         bar.close()
         return results
 
-    def compile_shape(self, params, settings: SearchSettings, length: int, rows: int) -> None:
-        """Compiles (or loads from the compile cache) the search program of a (rows, length) batch
-        without prefixes, as translate_ids would meet it, by running it on filler rows (which stop
-        at once)."""
+    def search_for(self, settings: SearchSettings, length: int, width: int = 0) -> SearchProgram:
+        """The search of batches of sources padded to `length` with prefixes padded to `width`."""
         sampler = settings.sampler_args()
         sampler = None if sampler is None else (float(settings.temperature), *sampler)
-        fn = compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest,
-                             settings.max_steps(length), sampler, settings.precision)
+        return compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest,
+                               settings.max_steps(length) + width, sampler, settings.precision, self.mesh)
+
+    def filler_batch(self, settings: SearchSettings, rows: int, length: int, width: int = 0) -> tuple:
+        """A search's arguments after params for a batch of filler rows (which stop at once)."""
         batch = sharding.put_batch(self.mesh, {
             "src": np.full((rows, length), PAD_ID, np.int32), "max_lens": np.ones((rows,), np.int32),
-            "prefix": np.full((rows, 0), PAD_ID, np.int32), "prefix_lens": np.zeros((rows,), np.int32),
+            "prefix": np.full((rows, width), PAD_ID, np.int32), "prefix_lens": np.zeros((rows,), np.int32),
             "row_ids": np.zeros((rows,), np.int32)})
-        jax.block_until_ready(fn(params, batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"],
-                                 batch["row_ids"], np.uint32(settings.seed)))
+        return (batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"], batch["row_ids"],
+                np.uint32(settings.seed))
+
+    def load_programs(self, params, settings: SearchSettings, shapes) -> None:
+        """Loads from the program store (or compiles) the search programs of several (length,
+        rows, prefix width) batch shapes before the first batch runs, two at a time: XLA
+        deserializes or compiles a program on one core, so a file's 10-20 programs are ready in
+        about half the time (benchmarks/RESULTS.md, 2026-12-03). Without a store: nothing."""
+        shapes = sorted(shapes)
+        if len(shapes) < 2 or program_store.store_dir() is None:
+            return
+
+        def load(shape):
+            length, rows, width = shape
+            self.search_for(settings, length, width).program(params, *self.filler_batch(settings, rows, length, width))
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(load, shapes))
+
+    def compile_shape(self, params, settings: SearchSettings, length: int, rows: int) -> None:
+        """Compiles (or loads) the search program of a (rows, length) batch without prefixes, as
+        translate_ids would meet it, by running it on filler rows (which stop at once)."""
+        jax.block_until_ready(self.search_for(settings, length)(params, *self.filler_batch(settings, rows, length)))
 
     def translate_lines(self, params, lines: Sequence[str], settings: SearchSettings, progress: bool = False,
                         name: str = "input", first_line: int = 1,
