@@ -205,7 +205,7 @@ def main() -> None:
         while (h := health(url))["status"] == "warming":  # the server compiles its fixed set of shapes
             time.sleep(0.2)
         print(f"serve: warm-up of {h['warm_up']['shapes']} shapes done {time.perf_counter() - start + ready_s:.2f} s "
-              f"after start ({h['programs']} programs, {h['programs_from_cache']} of them from the compile cache; "
+              f"after start ({h['programs']} programs, {h['programs_from_cache']} of them from the compile cache or the program store; "
               f"error: {h['warm_up']['error']})", flush=True)
         if args.client_warm_up:  # one pass at each client count
             for clients in levels:

@@ -195,3 +195,15 @@ def test_score_of_a_greedy_translation_is_its_search_score(run):
     greedy = translator.translate_ids(params, ids, search.settings_from(cfg, beam_size=1))
     total, _ = translator.score_ids(params, ids, [h[0][0] for h in greedy])
     np.testing.assert_allclose(total, [h[0][1] for h in greedy], atol=1e-4)
+
+
+def test_greedy_without_scores_finds_the_same_tokens(run):
+    """translate skips greedy scores unless --nbest prints them: the search must not change."""
+    cfg, graphdef, params, tok, translator = run
+    settings = search.settings_from(cfg, beam_size=1)
+    for prefixes in (None, ["Ein"] * len(SENTENCES)):
+        scored = translator.translate_lines(params, SENTENCES, settings, prefixes=prefixes)
+        bare = translator.translate_lines(params, SENTENCES, dataclasses.replace(settings, scores=False),
+                                          prefixes=prefixes)
+        assert [h[0][0] for h in bare] == [h[0][0] for h in scored]
+        assert all(h[0][1] == 0.0 for h in bare) and all(h[0][1] < 0.0 for h in scored)

@@ -215,7 +215,7 @@ def _top_extensions(logits, rows, score, chunk_best, banned, k: int, chunk: int 
 
 def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,
                   pad_id: int = 0, max_lens=None, prefix=None, prefix_lens=None, sampler=None, keys=None,
-                  banned_ids=()):
+                  banned_ids=(), with_scores: bool = True):
     """Returns (tokens int32 [batch, max_steps], scores float32 [batch]).
 
     tokens hold the generated ids (no BOS), the EOS where one was produced and pad after it;
@@ -224,7 +224,9 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
     sampler(logits [batch, V], keys [batch, 2]) -> ids draws the next token instead of the
     argmax (see `make_sampler`), with per-row keys [batch, 2] folded with the step, so a row's
     draws do not depend on the other rows in its batch. banned_ids (e.g. padding and BOS) are
-    never chosen; scores stay the model's log-probabilities.
+    never chosen; scores stay the model's log-probabilities. with_scores=False (argmax search
+    only) skips the log-probabilities and returns zero scores: the same tokens, without the pass
+    of exp over the vocabulary each step (~10% of a default-size greedy step on a CPU).
     """
     max_lens = jnp.full((batch_size,), max_steps + 1, jnp.int32) if max_lens is None else max_lens
 
@@ -238,6 +240,15 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
         # No full log-softmax: the first argmax of the allowed logits, scored by its
         # log-probability (computed as jax.nn.log_softmax does, as beam search scores it).
         logits = logits.astype(jnp.float32)
+        if not with_scores and sampler is None:
+            nxt = first_argmax(logits, banned_ids)
+            nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
+            forced, token = _prefix_token(prefix, prefix_lens, step)
+            if forced is not None:
+                nxt = jnp.where(forced, token, nxt)
+            nxt = jnp.where(done, pad_id, nxt)
+            tokens = tokens.at[:, step].set(nxt)
+            return step + 1, nxt, tokens, done | (nxt == eos_id), scores, cache
         maxima, top = _maxima_and_top(logits, banned_ids)
         log_norm = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # [B]
         if sampler is None:

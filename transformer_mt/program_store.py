@@ -119,6 +119,9 @@ def program_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+LOAD_EVENT = "/transformer_mt/program_store/load"  # jax.monitoring event: a program read from the store
+
+
 def load(directory: Path, key: str):
     """The stored program of `key`, loaded onto its devices, or None (absent or unreadable)."""
     from jax.experimental import serialize_executable
@@ -127,11 +130,11 @@ def load(directory: Path, key: str):
     try:
         with open(path, "rb") as f:
             payload, in_tree, out_tree = pickle.load(f)
-        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-    except FileNotFoundError:
+        program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    except Exception:  # absent, truncated or foreign: compile instead, and overwrite it
         return None
-    except Exception:  # a truncated or foreign file: compile instead, and overwrite it
-        return None
+    jax.monitoring.record_event(LOAD_EVENT)
+    return program
 
 
 def save(directory: Path, key: str, compiled) -> None:

@@ -55,6 +55,7 @@ class SearchSettings:
     temperature: float = 1.0  # sampling only
     seed: int = 0  # sampling only: the same seed draws the same samples
     precision: str = "float32"  # matmul inputs: float32 (exact), bf16 or int8 (matmul.decoding_inputs)
+    scores: bool = True  # False: greedy search may skip its log-probabilities (scores 0; same tokens)
 
     def sampler_args(self) -> tuple[int, float] | None:
         """(top_k, top_p) when sampling, else None."""
@@ -124,16 +125,18 @@ _BY_IDENTITY: dict[tuple, tuple] = {}  # (id(graphdef), settings...) -> (graphde
 
 
 def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                    sampler: tuple[float, int, float] | None = None, precision: str = "float32", mesh=None):
+                    sampler: tuple[float, int, float] | None = None, precision: str = "float32", mesh=None,
+                    scores: bool = True):
     """jit(encode + search); see _compiled_search (one cache key however the arguments are passed).
 
     Looked up by the graphdef's identity first: hashing a graphdef walks the whole model
     structure (3 ms on the default model), which a file of 10,000 lines paid once a batch."""
-    key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, mesh)
+    scores = scores or beam_size > 1 or sampler is not None  # only greedy search can do without
+    key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, mesh, scores)
     hit = _BY_IDENTITY.get(key)
     if hit is not None and hit[0] is graphdef:
         return hit[1]
-    fn = _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision, mesh)
+    fn = _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision, mesh, scores)
     if len(_BY_IDENTITY) >= 256:
         _BY_IDENTITY.clear()
     _BY_IDENTITY[key] = (graphdef, fn)
@@ -142,7 +145,7 @@ def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_step
 
 @functools.lru_cache(maxsize=64)
 def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                     sampler: tuple[float, int, float] | None, precision: str, mesh=None):
+                     sampler: tuple[float, int, float] | None, precision: str, mesh=None, want_scores: bool = True):
     """jit(encode + search) for one model structure and search setting, shared by every Translator
     in the process (validation BLEU during training, then `translate`).
 
@@ -150,6 +153,7 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
     [B], seed); prefix (P may be 0) holds target tokens forced first; row_ids and seed give each
     sentence its own random stream when sampling (temperature, top_k, top_p = sampler): nbest
     draws per sentence, best first. precision: the matmuls' inputs (matmul.decoding_inputs).
+    want_scores=False: greedy search without log-probabilities (zero scores, the same tokens).
 
     With a mesh whose "data" axis splits the rows, each device searches its own rows in its own
     loop (shard_map): the loop stops when that device's rows are done, and no step waits for the
@@ -185,8 +189,8 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
             scores, order = jax.lax.top_k(scores, nbest)  # best draw first
             return jnp.take_along_axis(tokens, order[:, :, None], axis=1), scores
         if beam_size == 1:
-            tokens, scores = decode_lib.greedy_search(step, cache, batch_size=batch, **kw)
-            return tokens[:, None, :], scores[:, None]
+            tokens, logp = decode_lib.greedy_search(step, cache, batch_size=batch, with_scores=want_scores, **kw)
+            return tokens[:, None, :], logp[:, None]
         tokens, scores, _ = decode_lib.beam_search(step, cache, batch_size=batch, beam_size=beam_size, alpha=alpha,
                                                    nbest=nbest, reorder_cache=model.reorder_cache, **kw)
         return tokens, scores
@@ -195,7 +199,7 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
         rows, whole = P(sharding.DATA), P()
         search = jax.shard_map(search, mesh=mesh, in_specs=(whole, rows, rows, rows, rows, rows, whole),
                                out_specs=(rows, rows), check_vma=False)
-    return SearchProgram(jax.jit(search), (program_store.structure(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision,
+    return SearchProgram(jax.jit(search), (program_store.structure(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, want_scores,
                                            None if mesh is None else (mesh.devices.tolist(), mesh.axis_names)))
 
 
@@ -314,7 +318,8 @@ class Translator:
         sampler = settings.sampler_args()
         sampler = None if sampler is None else (float(settings.temperature), *sampler)
         return compiled_search(self.graphdef, settings.beam_size, float(settings.alpha), settings.nbest,
-                               settings.max_steps(length) + width, sampler, settings.precision, self.mesh)
+                               settings.max_steps(length) + width, sampler, settings.precision, self.mesh,
+                               settings.scores)
 
     def filler_batch(self, settings: SearchSettings, rows: int, length: int, width: int = 0) -> tuple:
         """A search's arguments after params for a batch of filler rows (which stop at once)."""

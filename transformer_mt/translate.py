@@ -6,6 +6,7 @@ with --nbest n), in input order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 
@@ -23,7 +24,10 @@ FILE_CHUNK_LINES = 20000  # lines of a file sorted and decoded together: plenty 
 def translate_command(args) -> int:
     cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint, args.step, args.last)
     translator = Translator(cfg, graphdef, tok, mesh)
-    n_lines = translate_stream(translator, params, settings_from_args(cfg, args), args.input, args.output,
+    settings = settings_from_args(cfg, args)
+    # Scores are printed with --nbest only: a greedy search can skip them (the same translations).
+    settings = dataclasses.replace(settings, scores=settings.nbest > 1)
+    n_lines = translate_stream(translator, params, settings, args.input, args.output,
                                args.buffer_lines, progress=not args.no_progress, prefix=args.prefix,
                                alignment=args.alignment)
     devices = translator.mesh.devices.flat

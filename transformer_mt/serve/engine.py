@@ -18,7 +18,7 @@ import jax
 from transformer_mt import data as data_lib
 from transformer_mt.alignment import align_hypotheses
 from transformer_mt.decode_batches import next_power_of_two
-from transformer_mt import sharding
+from transformer_mt import program_store, sharding
 from transformer_mt.rundir import load_run
 from transformer_mt.search import SearchSettings, Translator, settings_from
 from transformer_mt.textio import clean_line
@@ -32,8 +32,9 @@ class Hypothesis:
 
 
 class ProgramCounter:
-    """Counts the XLA programs this process compiled or loaded from the persistent cache: after
-    warm-up the count must stay put (a new shape means a compile in the middle of serving)."""
+    """Counts the XLA programs this process compiled or loaded (from the persistent compile cache
+    or the program store): after warm-up the count must stay put (a new shape means a compile in
+    the middle of serving)."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"  # a compile or a load from the cache
     CACHE_HIT = "/jax/compilation_cache/cache_hits"
@@ -53,6 +54,10 @@ class ProgramCounter:
     def _on_hit(self, event: str, **_) -> None:
         if event == self.CACHE_HIT:
             with self._lock:
+                self.from_cache += 1
+        elif event == program_store.LOAD_EVENT:  # read whole from the program store: no compile event
+            with self._lock:
+                self.count += 1
                 self.from_cache += 1
 
 

@@ -1,0 +1,103 @@
+"""The program store: a search program read back from disk translates exactly as the program
+compiled in process; a changed setting, shape or code gets its own program; a damaged file is
+compiled again; a model's structure is read back equal to the traced one."""
+
+import jax
+import numpy as np
+import pytest
+
+from transformer_mt import program_store, rundir, search, sharding
+from transformer_mt.tokenizer import PAD_ID
+
+SENTENCES = ["A man rides a bike .", "Two dogs play in the snow .", "Kids play .", "A woman walks ."]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setattr(program_store, "store_dir", lambda kind="programs": tmp_path / kind)
+    return tmp_path / "programs"
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """How many programs were compiled (not read from the store) since the test began."""
+    count = []
+    real = program_store.compile_fresh
+
+    def counted(lowered):
+        count.append(1)
+        return real(lowered)
+
+    monkeypatch.setattr(program_store, "compile_fresh", counted)
+    return count
+
+
+def new_search(graphdef, mesh, max_steps=10, beam=1):
+    """A search with nothing in memory (compiled_search keeps one per setting per process)."""
+    return search._compiled_search.__wrapped__(graphdef, beam, 0.6, 1, max_steps, None, "float32", mesh)
+
+
+def batch_args(tok, mesh, rows=4):
+    ids = tok.encode_src(SENTENCES[:rows])
+    src = np.full((rows, 16), PAD_ID, np.int32)
+    for r, seq in enumerate(ids):
+        src[r, : len(seq)] = seq
+    batch = sharding.put_batch(mesh, {"src": src, "max_lens": np.full((rows,), 10, np.int32),
+                                      "prefix": np.zeros((rows, 0), np.int32), "prefix_lens": np.zeros((rows,), np.int32),
+                                      "row_ids": np.arange(rows, dtype=np.int32)})
+    return batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"], batch["row_ids"], np.uint32(0)
+
+
+def outputs(fn, params, args):
+    return [np.asarray(x) for x in jax.device_get(fn(params, *args))]
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_stored_program_translates_as_the_compiled_one(loaded_run, store, compiles, beam):
+    cfg, graphdef, params, tok, mesh = loaded_run
+    args = batch_args(tok, mesh)
+    jitted = outputs(new_search(graphdef, mesh, beam=beam).jitted, params, args)
+    first = outputs(new_search(graphdef, mesh, beam=beam), params, args)
+    assert len(compiles) == 1 and len(list(store.glob("*.program"))) == 1
+    second = outputs(new_search(graphdef, mesh, beam=beam), params, args)  # as a new process would
+    assert len(compiles) == 1, "the second search compiled instead of reading the store"
+    assert (jitted[0] != PAD_ID).any()  # real tokens, not an empty search
+    for want, a, b in zip(jitted, first, second):
+        np.testing.assert_array_equal(a, want)
+        np.testing.assert_array_equal(b, want)
+
+
+def test_settings_shapes_and_code_get_their_own_programs(loaded_run, store, compiles, monkeypatch):
+    cfg, graphdef, params, tok, mesh = loaded_run
+    new_search(graphdef, mesh)(params, *batch_args(tok, mesh))
+    new_search(graphdef, mesh, max_steps=12)(params, *batch_args(tok, mesh))  # another step limit
+    new_search(graphdef, mesh)(params, *batch_args(tok, mesh, rows=2))  # another row count
+    assert len(compiles) == 3 and len(list(store.glob("*.program"))) == 3
+    monkeypatch.setattr(program_store, "code_fingerprint", lambda: "edited code")
+    new_search(graphdef, mesh)(params, *batch_args(tok, mesh))
+    assert len(compiles) == 4, "a program stored by other code was run"
+
+
+def test_damaged_program_is_compiled_again(loaded_run, store, compiles):
+    cfg, graphdef, params, tok, mesh = loaded_run
+    args = batch_args(tok, mesh)
+    want = outputs(new_search(graphdef, mesh), params, args)
+    (path,) = store.glob("*.program")
+    path.write_bytes(path.read_bytes()[:1000])  # cut short, as by a full disk
+    got = outputs(new_search(graphdef, mesh), params, args)
+    assert len(compiles) == 2
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert path.stat().st_size > 1000  # written again, whole
+
+
+def test_model_structure_is_remembered(loaded_run, store, monkeypatch):
+    cfg, graphdef, params, tok, mesh = loaded_run
+    traced = rundir.abstract_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
+    assert len(list((store.parent / "models").glob("*.pickle"))) == 1
+    monkeypatch.setattr(rundir.nnx, "eval_shape", lambda *a, **k: pytest.fail("traced the model again"))
+    read = rundir.abstract_model(cfg, tok.src_vocab_size, tok.tgt_vocab_size)
+    assert read[0] == traced[0] == graphdef
+    assert jax.tree.structure(read[1]) == jax.tree.structure(traced[1])
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(read[1])] == \
+        [(x.shape, x.dtype) for x in jax.tree.leaves(params)]
