@@ -2,6 +2,8 @@
 compiled in process; a changed setting, shape or code gets its own program; a damaged file is
 compiled again; a model's structure is read back equal to the traced one."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -101,3 +103,15 @@ def test_model_structure_is_remembered(loaded_run, store, monkeypatch):
     assert jax.tree.structure(read[1]) == jax.tree.structure(traced[1])
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(read[1])] == \
         [(x.shape, x.dtype) for x in jax.tree.leaves(params)]
+
+
+def test_prune_keeps_the_most_recently_used(tmp_path):
+    for k in range(10):
+        path = tmp_path / f"{k}.program"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + k, 1000 + k))
+    os.utime(tmp_path / "0.program", (5000, 5000))  # used lately
+    (tmp_path / "other.pickle").write_bytes(b"x")
+    program_store.prune(tmp_path, keep=5)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["0.program", "7.program", "8.program", "9.program", "other.pickle"]

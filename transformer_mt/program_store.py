@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 
 FORMAT = 1  # bump when the file layout changes
+MAX_PROGRAMS = 2000  # ~1 MB each for the default model: `prune` keeps the store at most ~2 GB
 FRESH_OPTIONS = {"xla_enable_dumping": False}  # changes JAX's cache key, nothing in the program
 _FRESH_LOCK = threading.Lock()
 
@@ -133,8 +134,28 @@ def load(directory: Path, key: str):
         program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except Exception:  # absent, truncated or foreign: compile instead, and overwrite it
         return None
+    try:
+        os.utime(path)  # last used now: `prune` removes the least recently used
+    except OSError:
+        pass
     jax.monitoring.record_event(LOAD_EVENT)
     return program
+
+
+def prune(directory: Path, keep: int = MAX_PROGRAMS) -> None:
+    """Removes the least recently used programs beyond `keep` (each new version of the code or
+    the model writes new ones, and the old are never asked for again)."""
+    try:
+        entries = [(e.stat().st_mtime, e.path) for e in os.scandir(directory) if e.name.endswith(".program")]
+    except OSError:
+        return
+    if len(entries) <= keep:
+        return
+    for _, path in sorted(entries)[: len(entries) - keep * 4 // 5]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def save(directory: Path, key: str, compiled) -> None:
@@ -145,6 +166,7 @@ def save(directory: Path, key: str, compiled) -> None:
     try:
         payload = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
         _write(directory, f"{key}.program", payload)
+        prune(directory)
     except Exception:
         return
 
