@@ -75,9 +75,12 @@ def test_settings_shapes_and_code_get_their_own_programs(loaded_run, store, comp
     new_search(graphdef, mesh, max_steps=12)(params, *batch_args(tok, mesh))  # another step limit
     new_search(graphdef, mesh)(params, *batch_args(tok, mesh, rows=2))  # another row count
     assert len(compiles) == 3 and len(list(store.glob("*.program"))) == 3
+    with jax.default_matmul_precision("highest"):  # a jax setting that changes the trace
+        new_search(graphdef, mesh)(params, *batch_args(tok, mesh))
+    assert len(compiles) == 4, "a program stored under other jax settings was run"
     monkeypatch.setattr(program_store, "code_fingerprint", lambda: "edited code")
     new_search(graphdef, mesh)(params, *batch_args(tok, mesh))
-    assert len(compiles) == 4, "a program stored by other code was run"
+    assert len(compiles) == 5, "a program stored by other code was run"
 
 
 def test_damaged_program_is_compiled_again(loaded_run, store, compiles):

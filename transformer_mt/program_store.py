@@ -5,8 +5,8 @@ traces and lowers every program to find its cache key: 0.5-0.7 s a search progra
 CPU, 14 of them for a 10,000-line file, a third of `translate`'s run (benchmarks/RESULTS.md,
 2026-12-03). Here each compiled program is serialized under a key made of everything that
 decides it without tracing: the package's own source code, the jax, jaxlib and flax versions,
-the backend and devices, XLA_FLAGS, the model structure, the search settings and the argument
-shapes and shardings. Any change of these gives a new key, so a stale program is never run; a
+the host's CPU flags, the backend and devices, XLA_FLAGS and the jax settings that change a
+trace, the model structure, the search settings and the argument shapes and shardings. Any change of these gives a new key, so a stale program is never run; a
 file that cannot be read back is ignored (and replaced). Deleting the directory is always safe.
 
 It lives in `programs/` beside the compile cache, and is off when the compile cache is off or
@@ -113,10 +113,16 @@ def host_fingerprint() -> str:
     return f"{platform.machine()} {hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
+TRACE_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+                 "jax_threefry_partitionable")  # jax settings that change what a function traces to
+
+
 def program_key(*parts) -> str:
-    """The key of a program: the code fingerprint, the host, the devices, and `parts`."""
+    """The key of a program: the code fingerprint, the host, the devices, the jax settings that
+    change a trace, and `parts`."""
     devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
-    text = repr((code_fingerprint(), host_fingerprint(), jax.default_backend(), devices, parts))
+    options = [(name, getattr(jax.config, name, None)) for name in TRACE_OPTIONS]
+    text = repr((code_fingerprint(), host_fingerprint(), jax.default_backend(), devices, options, parts))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
