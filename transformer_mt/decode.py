@@ -240,19 +240,12 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
         # No full log-softmax: the first argmax of the allowed logits, scored by its
         # log-probability (computed as jax.nn.log_softmax does, as beam search scores it).
         logits = logits.astype(jnp.float32)
-        if not with_scores and sampler is None:
-            nxt = first_argmax(logits, banned_ids)
-            nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
-            forced, token = _prefix_token(prefix, prefix_lens, step)
-            if forced is not None:
-                nxt = jnp.where(forced, token, nxt)
-            nxt = jnp.where(done, pad_id, nxt)
-            tokens = tokens.at[:, step].set(nxt)
-            return step + 1, nxt, tokens, done | (nxt == eos_id), scores, cache
-        maxima, top = _maxima_and_top(logits, banned_ids)
-        log_norm = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # [B]
+        scored = with_scores or sampler is not None  # a sampler draws from the shifted logits
+        if scored:
+            maxima, top = _maxima_and_top(logits, banned_ids)
+            log_norm = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # [B]
         if sampler is None:
-            nxt = first_argmax(logits, banned_ids, maxima=maxima)
+            nxt = first_argmax(logits, banned_ids, maxima=maxima if scored else None)
         else:
             banned = _banned(logits.shape[-1], banned_ids)
             shifted = logits - top
@@ -262,8 +255,9 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
         forced, token = _prefix_token(prefix, prefix_lens, step)
         if forced is not None:
             nxt = jnp.where(forced, token, nxt)
-        logp = (jnp.take_along_axis(logits, nxt[:, None], axis=-1)[:, 0] - top[:, 0]) - log_norm
-        scores = scores + jnp.where(done, 0.0, logp)
+        if scored:
+            logp = (jnp.take_along_axis(logits, nxt[:, None], axis=-1)[:, 0] - top[:, 0]) - log_norm
+            scores = scores + jnp.where(done, 0.0, logp)
         nxt = jnp.where(done, pad_id, nxt)
         tokens = tokens.at[:, step].set(nxt)
         return step + 1, nxt, tokens, done | (nxt == eos_id), scores, cache

@@ -271,11 +271,11 @@ class Translator:
         prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in sources]
         todo = [i for i, s in enumerate(sources) if len(s) > 1]
         todo.sort(key=lambda i: len(sources[i]))
+        devices = sharding.data_size(self.mesh)
         batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
-                               sharding.data_size(self.mesh), self.rows_for, self.one_bucket)
+                               devices, self.rows_for, self.one_bucket)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
-        devices = sharding.data_size(self.mesh)
         widths = [prefix_width(max(len(prefixes[todo[k]]) for k in chunk)) for _, _, chunk in batches]
         self.load_programs(params, settings, {(length, rows, width) for (length, rows, _), width in zip(batches, widths)})
         pending = None  # the batch in flight: the next one is dispatched before its results are read
