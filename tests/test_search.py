@@ -120,9 +120,21 @@ def test_compiled_programs_are_bounded_for_mixed_lengths(run):
     assert len(out) == len(lines)
     ids = [translator._fit(s) for s in tok.encode_src(lines)]
     lengths = sorted(len(s) for s in ids if len(s) > 1)
-    shapes = {(length, rows) for length, rows, _ in decode_batches.plan_batches(lengths, buckets, 128)}
+    shapes = {(length, rows) for length, rows, _ in decode_batches.plan_batches(lengths, translator.buckets, 128)}
     programs = fn._cache_size() - before
     assert programs <= len(shapes) <= 12, f"{programs} programs for {len(lines)} lines of mixed lengths"
+
+
+@pytest.mark.parametrize("train, want", [([8, 12, 16, 20, 24, 28, 32, 40, 48, 64], (16, 32, 64)),
+                                         ([16, 24, 32, 48, 64, 96, 128, 192, 256], (16, 32, 64, 128, 256)),
+                                         ([4, 8, 12], (12,)), ([10, 20, 30, 40, 100], (20, 40, 100)),
+                                         ([16, 17, 100], (16, 17, 100))])
+def test_decoding_pads_to_a_doubling_ladder_of_training_buckets(train, want):
+    assert decode_batches.decoding_buckets(train) == want
+    for length in range(1, train[-1] + 1):  # every sentence training could see still fits, at most 2x padded
+        padded = decode_batches.bucket_for(length, want)
+        assert padded in train and length <= padded
+        assert padded == decode_batches.bucket_for(length, train) or padded <= max(2 * length, want[0])
 
 
 @hsettings(max_examples=60, deadline=None)

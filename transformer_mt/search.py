@@ -35,7 +35,7 @@ from transformer_mt import sharding
 from transformer_mt import teacher_forcing
 from transformer_mt import tokenizer as tok_lib
 from transformer_mt.config import Config, ConfigError
-from transformer_mt.decode_batches import next_power_of_two, plan_batches, row_bucket
+from transformer_mt.decode_batches import decoding_buckets, next_power_of_two, plan_batches, row_bucket
 from transformer_mt.textio import clean_line, one_line, warn
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -243,7 +243,7 @@ class Translator:
     def __init__(self, cfg: Config, graphdef, tok: tok_lib.Tokenizer, mesh=None):
         self.cfg, self.graphdef, self.tok = cfg, graphdef, tok
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
-        self.buckets = tuple(cfg.data.bucket_lengths)
+        self.buckets = decoding_buckets(cfg.data.bucket_lengths)  # source lengths decoding pads to
         self.truncated = 0  # lines translate_lines cut to the largest bucket
         self.rows_for = row_bucket  # rows a batch of n sentences is padded to (plan_batches)
         self.one_bucket = True  # a batch holds one length bucket (plan_batches; the server mixes them)
@@ -393,11 +393,11 @@ class Translator:
         batch_tokens = batch_tokens or self.cfg.data.batch_tokens
         if batch_tokens < 1:
             raise ConfigError("--batch-tokens must be positive")
-        return teacher_forcing.score_ids(self.graphdef, params, self.mesh, self.buckets, batch_tokens,
-                                         src_ids, tgt_ids)
+        return teacher_forcing.score_ids(self.graphdef, params, self.mesh, self.cfg.data.bucket_lengths,
+                                         batch_tokens, src_ids, tgt_ids)
 
     def attention_weights(self, params, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
                           alignment_only: bool = False) -> list:
         """Each pair's attention weights (teacher_forcing.teacher_forced_weights)."""
-        return teacher_forcing.teacher_forced_weights(self.graphdef, params, self.mesh, self.buckets,
+        return teacher_forcing.teacher_forced_weights(self.graphdef, params, self.mesh, self.cfg.data.bucket_lengths,
                                                       self.cfg.data.batch_tokens, src_ids, tgt_ids, alignment_only)
