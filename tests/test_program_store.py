@@ -118,3 +118,49 @@ def test_prune_keeps_the_most_recently_used(tmp_path):
     program_store.prune(tmp_path, keep=5)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["0.program", "7.program", "8.program", "9.program", "other.pickle"]
+
+
+ONE_DEVICE_SCRIPT = """
+import json, sys
+import jax
+from transformer_mt import compile_cache, program_store, sharding
+compile_cache.enable(sys.argv[3])
+from transformer_mt.rundir import load_run
+from transformer_mt.search import Translator, settings_from
+
+loads = []
+jax.monitoring.register_event_listener(lambda event, **_: event == program_store.LOAD_EVENT and loads.append(1))
+cfg, graphdef, params, tok, step, mesh = load_run(sys.argv[1])
+lines = json.loads(sys.argv[2])
+settings = settings_from(cfg, beam_size=1)
+both = Translator(cfg, graphdef, tok, mesh).translate_lines(params, lines, settings)
+second = sharding.make_mesh(jax.devices()[1:])
+alone = Translator(cfg, graphdef, tok, second).translate_lines(sharding.put_state(second, params), lines, settings)
+print(json.dumps({"devices": len(jax.devices()), "both": both, "second": alone, "loads": len(loads)}))
+"""
+
+
+def test_program_for_one_of_two_devices_loads_onto_it(trained_run, tmp_path):
+    """In a process with 2 devices, a search over a mesh of the second device alone is stored, then
+    read back by a new process onto that device, and translates as the search over both devices.
+    Loaded without its device, such a program expected arguments on both and failed."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    lines = SENTENCES * 2
+    runs = []
+    for _ in range(2):  # the first process compiles and stores, the second loads
+        out = subprocess.run([sys.executable, "-c", ONE_DEVICE_SCRIPT, str(trained_run), json.dumps(lines),
+                              str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.splitlines()[-1]))
+    assert runs[0]["devices"] == 2 and runs[0]["loads"] == 0
+    assert runs[1]["loads"] == 2  # the two-device and the one-device program, from the store
+    for run in runs:  # the same texts; scores summed in another order by another program
+        assert [[text for text, _ in hyps] for hyps in run["second"]] == [[text for text, _ in hyps] for hyps in run["both"]]
+        assert [score for hyps in run["second"] for _, score in hyps] == pytest.approx(
+            [score for hyps in run["both"] for _, score in hyps], abs=1e-4)

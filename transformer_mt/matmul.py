@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import re
 
 import jax
@@ -27,8 +28,10 @@ import jax.numpy as jnp
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 dot instructions
 
 
+@functools.cache
 def cpu_has_bf16_dots() -> bool:
-    """True on a Linux x86 CPU whose flags list a native bf16 dot product instruction."""
+    """True on a Linux x86 CPU whose flags list a native bf16 dot product instruction (read once:
+    the server resolves a request's precision on its event loop)."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read(1 << 16)

@@ -129,15 +129,18 @@ def program_key(*parts) -> str:
 LOAD_EVENT = "/transformer_mt/program_store/load"  # jax.monitoring event: a program read from the store
 
 
-def load(directory: Path, key: str):
-    """The stored program of `key`, loaded onto its devices, or None (absent or unreadable)."""
+def load(directory: Path, key: str, devices=None):
+    """The stored program of `key`, loaded onto `devices` (the mesh's, in its order; None: all
+    of the process's), or None (absent or unreadable). A program compiled for some of the
+    devices, loaded without them, expects arguments on all of them and fails when run."""
     from jax.experimental import serialize_executable
 
     path = directory / f"{key}.program"
     try:
         with open(path, "rb") as f:
             payload, in_tree, out_tree = pickle.load(f)
-        program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                            execution_devices=devices)
     except Exception:  # absent, truncated or foreign: compile instead, and overwrite it
         return None
     try:

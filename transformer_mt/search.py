@@ -200,17 +200,20 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
         search = jax.shard_map(search, mesh=mesh, in_specs=(whole, rows, rows, rows, rows, rows, whole),
                                out_specs=(rows, rows), check_vma=False)
     return SearchProgram(jax.jit(search), (program_store.structure(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, want_scores,
-                                           None if mesh is None else (mesh.devices.tolist(), mesh.axis_names)))
+                                           None if mesh is None else (mesh.devices.tolist(), mesh.axis_names)),
+                         None if mesh is None else list(mesh.devices.flat))
 
 
 class SearchProgram:
     """A jitted search and its compiled programs by argument shapes and shardings: kept in
     memory, loaded from the program store (program_store.py: no tracing in a new process), or
     traced, compiled and stored. Without a store (compile cache off, several processes) it is
-    the jitted function."""
+    the jitted function. A stored program is loaded onto the mesh's own devices (one compiled
+    for device 0 does not load onto device 1: its argument shardings name device 0)."""
 
-    def __init__(self, jitted, settings_key: tuple):
+    def __init__(self, jitted, settings_key: tuple, devices=None):
         self.jitted, self.settings_key = jitted, settings_key
+        self.devices = devices  # the mesh's, which a stored program is loaded onto
         self.programs: dict = {}
         self.store = program_store.store_dir()
 
@@ -228,7 +231,7 @@ class SearchProgram:
         program = self.programs.get(signature)
         if program is None:
             key = program_store.program_key(self.settings_key, signature)
-            program = program_store.load(self.store, key)
+            program = program_store.load(self.store, key, self.devices)
             if program is None:
                 program = program_store.compile_fresh(self.jitted.lower(params, *batch))
                 program_store.save(self.store, key, program)
