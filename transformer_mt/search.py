@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -215,6 +216,7 @@ class SearchProgram:
         self.jitted, self.settings_key = jitted, settings_key
         self.devices = devices  # the mesh's, which a stored program is loaded onto
         self.programs: dict = {}
+        self._params_seen: tuple | None = None  # (weak reference to params, their signature)
         self.store = program_store.store_dir()
 
     def __call__(self, params, *batch):
@@ -227,7 +229,7 @@ class SearchProgram:
         if self.store is None or isinstance(batch[0], jax.core.Tracer):  # no store, or traced (make_jaxpr)
             return None
         signature = (tuple((a.shape, a.dtype.name, getattr(a, "sharding", None)) for a in batch),
-                     tuple((x.shape, x.dtype.name, x.sharding) for x in jax.tree.leaves(params)))
+                     self._params_signature(params))
         program = self.programs.get(signature)
         if program is None:
             key = program_store.program_key(self.settings_key, signature)
@@ -237,6 +239,19 @@ class SearchProgram:
                 program_store.save(self.store, key, program)
             self.programs[signature] = program
         return program
+
+    def _params_signature(self, params) -> tuple:
+        """The params' shapes, dtypes and shardings, walked once per params object (every batch of
+        a file or of a server passes the same one), not once a batch."""
+        seen = self._params_seen
+        if seen is not None and seen[0]() is params:
+            return seen[1]
+        signature = tuple((x.shape, x.dtype.name, x.sharding) for x in jax.tree.leaves(params))
+        try:
+            self._params_seen = (weakref.ref(params), signature)  # a new params object walks again
+        except TypeError:  # a container without weak references: walked every time
+            pass
+        return signature
 
 
 class Translator:
@@ -304,10 +319,8 @@ class Translator:
                 max_lens[r] = settings.max_steps(len(sources[i])) + len(prefixes[i])
                 row_ids[r] = first_index + i
             fn = self.search_for(settings, length, width)
-            batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
-                                                   "prefix_lens": prefix_lens, "row_ids": row_ids})
-            outputs = fn(params, batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"],
-                         batch["row_ids"], np.uint32(settings.seed))  # dispatched, not waited for
+            outputs = fn(params, *self._device_args(src, max_lens, prefix, prefix_lens, row_ids, settings.seed))
+            # (dispatched, not waited for)
             if pending is not None:
                 collect(*pending)
             pending = chunk, places, outputs
@@ -324,14 +337,18 @@ class Translator:
                                settings.max_steps(length) + width, sampler, settings.precision, self.mesh,
                                settings.scores)
 
+    def _device_args(self, src, max_lens, prefix, prefix_lens, row_ids, seed: int) -> tuple:
+        """A search's arguments after params, its rows split over the mesh's data axis."""
+        batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "prefix": prefix,
+                                               "prefix_lens": prefix_lens, "row_ids": row_ids})
+        return (batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"], batch["row_ids"],
+                np.uint32(seed))
+
     def filler_batch(self, settings: SearchSettings, rows: int, length: int, width: int = 0) -> tuple:
         """A search's arguments after params for a batch of filler rows (which stop at once)."""
-        batch = sharding.put_batch(self.mesh, {
-            "src": np.full((rows, length), PAD_ID, np.int32), "max_lens": np.ones((rows,), np.int32),
-            "prefix": np.full((rows, width), PAD_ID, np.int32), "prefix_lens": np.zeros((rows,), np.int32),
-            "row_ids": np.zeros((rows,), np.int32)})
-        return (batch["src"], batch["max_lens"], batch["prefix"], batch["prefix_lens"], batch["row_ids"],
-                np.uint32(settings.seed))
+        return self._device_args(np.full((rows, length), PAD_ID, np.int32), np.ones((rows,), np.int32),
+                                 np.full((rows, width), PAD_ID, np.int32), np.zeros((rows,), np.int32),
+                                 np.zeros((rows,), np.int32), settings.seed)
 
     def load_programs(self, params, settings: SearchSettings, shapes) -> None:
         """Loads from the program store (or compiles) the search programs of several (length,

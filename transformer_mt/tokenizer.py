@@ -39,15 +39,19 @@ def cut_at_eos(seq: Iterable[int]) -> list[int]:
     return out
 
 
-# SentencePiece encodes a list on new threads, one a core, by default: for the server's one-line
-# requests that meant waiting for a core the decoding holds (~18 ms a request on the event loop at
-# 32 clients). Lists shorter than this are encoded on the calling thread (~60 us a line); corpora
-# (the token store, in chunks of thousands) keep a thread a core.
+# SentencePiece encodes a list on threads of its own (one a core by default, and a new one even when
+# told to use one): for the server's one-line requests that meant waiting for a core the decoding
+# holds, 0.2-3.7 ms a line against 0.06-0.1 ms for the string alone, 38-45% of the event loop's time
+# at 32 clients (benchmarks/RESULTS.md, 2026-12-03, fourth sitting). So lists shorter than this are
+# encoded a string at a time on the calling thread; corpora (the token store's chunks of thousands)
+# keep a thread a core.
 THREADED_FROM = 1024
 
 
-def _threads(count: int) -> int:
-    return 1 if count < THREADED_FROM else -1
+def _encode(sp: spm.SentencePieceProcessor, texts: Sequence[str]) -> list[list[int]]:
+    if len(texts) < THREADED_FROM:
+        return [sp.encode(text) for text in texts]
+    return sp.encode(list(texts))
 
 
 class Tokenizer:
@@ -74,13 +78,11 @@ class Tokenizer:
 
     def encode_src(self, texts: Sequence[str]) -> list[list[int]]:
         """Source ids followed by EOS (the encoder sees where the sentence ends)."""
-        texts = list(texts)
-        return [ids + [EOS_ID] for ids in self.src.encode(texts, num_threads=_threads(len(texts)))]
+        return [ids + [EOS_ID] for ids in _encode(self.src, list(texts))]
 
     def encode_tgt(self, texts: Sequence[str]) -> list[list[int]]:
         """Target ids without BOS/EOS; the batcher adds them for teacher forcing."""
-        texts = list(texts)
-        return self.tgt.encode(texts, num_threads=_threads(len(texts)))
+        return _encode(self.tgt, list(texts))
 
     def decode_tgt(self, ids: Iterable[Sequence[int]]) -> list[str]:
         """Detokenizes, cutting each sequence at its first EOS and ignoring pad/BOS."""
