@@ -108,6 +108,8 @@ class RawConnection:
     this costs a small fraction of that, as C load generators (wrk, hey) do. Only what the server
     sends is handled: a status line, headers with Content-Length, a body."""
 
+    failures = (OSError, asyncio.IncompleteReadError, ValueError)  # the connection is opened again
+
     def __init__(self, url: str):
         host_port = url.split("://", 1)[1]
         self.host, port = host_port.rsplit(":", 1)
@@ -131,18 +133,39 @@ class RawConnection:
             self.writer.close()
 
 
+class HttpxConnection:
+    """The same with an httpx client of its own (what an application would use; ~7 ms of CPU a
+    request here). One client a user: a pool shared by 64 tasks cost the clients 80% of a core and
+    made some of them wait for a connection."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.url, self.failures = url, (httpx.HTTPError,)
+        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=120)
+
+    async def post(self, path: str, payload: dict) -> tuple[int, bytes]:
+        r = await self.http.post(f"{self.url}{path}", json=payload)
+        return r.status_code, r.content
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+CONNECTIONS = {"raw": RawConnection, "httpx": HttpxConnection}
+
+
 async def load(url: str, sentences: list[str], reference: list[str], clients: int, beam: int,
                requests: int | None = None, seconds: float | None = None, client_kind: str = "raw") -> dict:
     """`clients` clients sending one sentence per request until `requests` are answered (or `seconds` pass)."""
-    if client_kind == "httpx":
-        return await load_httpx(url, sentences, reference, clients, beam, requests, seconds)
+    connect = CONNECTIONS[client_kind]
     latencies, errors, mismatches = [], [], 0
     counter = iter(range(10 ** 9))
     end_time = time.perf_counter() + seconds if seconds else None
 
     async def user():  # its own connection, as separate users have
         nonlocal mismatches
-        conn = RawConnection(url)
+        conn = connect(url)
         try:
             while True:
                 n = next(counter)
@@ -157,49 +180,12 @@ async def load(url: str, sentences: list[str], reference: list[str], clients: in
                         errors.append(f"{status} {body[:100]!r}")
                     elif json.loads(body)["translations"][0]["hypotheses"][0]["text"] != reference[k]:
                         mismatches += 1
-                except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+                except conn.failures as e:
                     errors.append(repr(e))
                     await conn.close()
-                    conn = RawConnection(url)
+                    conn = connect(url)
         finally:
             await conn.close()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(user() for _ in range(clients)))
-    return {"latencies": latencies, "wall": time.perf_counter() - start, "errors": errors, "mismatches": mismatches}
-
-
-async def load_httpx(url: str, sentences: list[str], reference: list[str], clients: int, beam: int,
-                     requests: int | None = None, seconds: float | None = None) -> dict:
-    """`load` with httpx clients (what an application would use; ~7 ms of CPU a request here)."""
-    import httpx
-
-    latencies, errors, mismatches = [], [], 0
-    counter = iter(range(10 ** 9))
-    end_time = time.perf_counter() + seconds if seconds else None
-
-    async def client(http):
-        nonlocal mismatches
-        while True:
-            n = next(counter)
-            if (requests is not None and n >= requests) or (end_time and time.perf_counter() > end_time):
-                return
-            k = n % len(sentences)
-            start = time.perf_counter()
-            try:
-                r = await http.post(f"{url}/v1/translate", json={"q": sentences[k], "beam": beam})
-                latencies.append(time.perf_counter() - start)
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code} {r.text[:100]}")
-                elif r.json()["translations"][0]["hypotheses"][0]["text"] != reference[k]:
-                    mismatches += 1
-            except httpx.HTTPError as e:
-                errors.append(repr(e))
-
-    async def user():  # its own client and connection, as separate users have (a pool shared by 64
-        # tasks cost the clients 80% of a core and made some of them wait for a connection)
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=120) as http:
-            await client(http)
 
     start = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(clients)))
