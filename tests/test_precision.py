@@ -90,6 +90,9 @@ def test_precision_option_reaches_the_search(loaded_run):
 def test_auto_precision_and_config_key():
     native = jax.default_backend() == "cpu" and matmul.cpu_has_bf16_dots()
     assert matmul.resolve_precision("auto") == ("bf16" if native else "float32")
+    assert matmul.resolve_precision("auto", 128) == ("bf16" if native else "float32")
+    assert matmul.resolve_precision("auto", matmul.INT8_FROM_WIDTH) == ("int8" if native else "float32")
+    assert matmul.resolve_precision("bf16", 1024) == "bf16"
     assert matmul.resolve_precision("int8") == "int8"
     with pytest.raises(ConfigError, match="decode.precision"):
         tiny_config("decode.precision=fp16")

@@ -88,8 +88,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len-b", type=int, help="output length limit a * src_len + b: b")
     p.add_argument("--batch-tokens", type=int, help="padded source tokens per decoding batch")
     p.add_argument("--precision", choices=DECODE_PRECISIONS,
-                   help="matmul inputs: float32 (exact); bf16 (float32 sums; auto's choice on CPUs with "
-                   "AVX512-BF16/AMX); int8 (per-channel scales). Default: the run's decode.precision (auto). "
+                   help="matmul inputs: float32 (exact); bf16 (float32 sums); int8 (per-channel scales). auto, on "
+                   "CPUs with AVX512-BF16/AMX: int8 for models of d_model >= 512, bf16 below; float32 elsewhere. "
+                   "Default: the run's decode.precision (auto). "
                    "Measured cost in BLEU and speed: benchmarks/RESULTS.md")
     p.add_argument("--sampling", metavar="topk:K|topp:P",
                    help="sample instead of searching: from the K most likely tokens, or from the smallest set "

@@ -151,7 +151,7 @@ class DecodeConfig:
     # Padded source tokens per decoding batch.
     batch_tokens: int = 4096
     # Decoding matmul inputs: float32 (exact), bf16 (float32 sums), int8 (per-channel scales), or
-    # auto: bf16 on CPUs with native bf16 dots (AVX512-BF16/AMX), else float32.
+    # auto: on CPUs with native bf16 dots (AVX512-BF16/AMX) int8 for d_model >= 512, bf16 below; else float32.
     precision: str = "auto"
 
 

@@ -82,7 +82,7 @@ def settings_from(cfg: Config, **overrides) -> SearchSettings:
     base = dict(beam_size=d.beam_size, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
                 max_len_cap=d.max_len_cap, batch_tokens=d.batch_tokens, precision=d.precision)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    base["precision"] = matmul.resolve_precision(base["precision"])
+    base["precision"] = matmul.resolve_precision(base["precision"], cfg.model.d_model)
     s = SearchSettings(**base)
     if s.precision not in matmul.PRECISIONS:
         raise ConfigError(f"--precision must be one of auto, {', '.join(matmul.PRECISIONS)}; got {s.precision!r}")
