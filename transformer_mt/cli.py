@@ -232,8 +232,8 @@ def _add_serve(sub) -> None:
                    f"(default {DECODE_CPU_DEVICES}); see translate --help")
     p.add_argument("--precision", choices=DECODE_PRECISIONS,
                    help="matmul inputs while decoding, as translate --precision (default: the run's "
-                   "decode.precision, auto). float32 answers equal translate's line for line; bf16 can "
-                   "differ on a near-tie (about 1 line in 1,000) as the batch's row count changes")
+                   "decode.precision, auto). float32 answers equal translate's line for line; bf16 and int8 "
+                   "can differ on a near-tie (about 1 line in 1,000) as the batch's row count changes")
     p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
 
 
