@@ -3,7 +3,7 @@ whose translation differs from the whole file's when the file is decoded in rand
 server's batching cycles cut it), with `translate`'s row ladder and with the server's powers of
 two, greedy and beam 4, at the run's default decoding precision.
 
-    python benchmarks/batch_invariance.py --checkpoint RUN [--seeds 3] [--max-group 64] [--mixed]
+    python benchmarks/batch_invariance.py --checkpoint RUN [--seeds 3] [--max-group 64] [--mixed] [--precision int8]
 
 --mixed also runs the server's plan (`plan_batches(one_bucket=False)`: a batch's sources padded to
 the bucket of its longest sentence, so a sentence's padding depends on its neighbours).
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--beams", default="1,4")
     p.add_argument("--cpu-devices", type=int, default=2)
     p.add_argument("--mixed", action="store_true", help="also the old, neighbour-dependent plan")
+    p.add_argument("--precision", help="decoding precision (default: the run's, auto)")
     args = p.parse_args()
     split_cpu(args.cpu_devices)
     compile_cache.enable()
@@ -48,12 +49,13 @@ def main() -> None:
     with gzip.open(ROOT / "data" / "multi30k" / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     plans = [("one bucket a batch", True)] + ([("mixed buckets", False)] if args.mixed else [])
-    print(f"checkpoint step {step}, precision {cfg.decode.precision}, {multiple} device(s), {len(lines)} lines")
+    precision = search.settings_from(cfg, precision=args.precision).precision
+    print(f"checkpoint step {step}, precision {precision}, {multiple} device(s), {len(lines)} lines")
     print("plan                 beam  rows          grouping              lines that differ from the file")
     for plan_name, one_bucket in plans:
         translator.one_bucket = one_bucket  # plan_batches(one_bucket=...): translate's, or the server's
         for beam in [int(b) for b in args.beams.split(",")]:
-            settings = search.settings_from(cfg, beam_size=beam)
+            settings = search.settings_from(cfg, beam_size=beam, precision=precision)
             translator.rows_for = row_bucket
             reference = [h[0][0] for h in translator.translate_lines(params, lines, settings)]
             for rows_name, rows in [("translate's", row_bucket), ("server's", lambda n: server_rows(n, multiple))]:
