@@ -72,7 +72,7 @@ def test_precision_option_reaches_the_search(loaded_run):
     args = cli.build_parser().parse_args(["translate", "--checkpoint", "run", "--precision", "int8", "--beam", "1"])
     assert search.settings_from_args(cfg, args).precision == "int8"
     assert search.settings_from(cfg).precision == "float32"  # the tests' config pins it
-    assert search.settings_from(cfg, precision="auto").precision == matmul.resolve_precision("auto")
+    assert search.settings_from(cfg, precision="auto").precision == matmul.resolve_precision("auto", cfg.model.d_model)
     with pytest.raises(ConfigError, match="--precision"):
         search.settings_from(cfg, precision="fp8")
     translator = search.Translator(cfg, graphdef, tok, mesh)
@@ -101,8 +101,8 @@ def test_auto_precision_follows_the_model_width(monkeypatch, native):
 
 def test_auto_precision_and_config_key():
     native = jax.default_backend() == "cpu" and matmul.cpu_has_bf16_dots()
-    assert matmul.resolve_precision("auto") == ("bf16" if native else "float32")
+    assert matmul.resolve_precision("auto", 128) == ("bf16" if native else "float32")
     assert matmul.resolve_precision("bf16", 1024) == "bf16"
-    assert matmul.resolve_precision("int8") == "int8"
+    assert matmul.resolve_precision("int8", 128) == "int8"
     with pytest.raises(ConfigError, match="decode.precision"):
         tiny_config("decode.precision=fp16")

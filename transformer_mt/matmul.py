@@ -110,7 +110,7 @@ def decoding_inputs(precision: str):
 INT8_FROM_WIDTH = 512  # auto decodes models at least this wide (d_model) with int8 products
 
 
-def resolve_precision(name: str, d_model: int = 0) -> str:
+def resolve_precision(name: str, d_model: int) -> str:
     """A decoding precision; 'auto' on a CPU with native bf16 dots (AVX512-BF16/AMX, which come
     with int8 dot instructions): int8 for models of d_model >= INT8_FROM_WIDTH, bf16 below;
     float32 elsewhere (a GPU or TPU model computes in bf16 already). Measured on an AMX CPU
