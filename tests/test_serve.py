@@ -188,6 +188,66 @@ def test_long_request_is_split_so_short_ones_are_not_starved(engine):
     assert [h[0].text for h in long_job.results] == [h[0][0] for h in alone]
 
 
+def test_row_pool_answers_equal_translate_alone(engine):
+    """Greedy requests decoded in the row pool (continuous batching: 2 rows for 8 lines, so rows
+    are refilled while others are mid-sentence) get exactly what Translator gives each request
+    alone; requests with a line too long for the pool, and a beam request, go by cycles beside it."""
+    from transformer_mt.serve.engine import GreedyStream
+
+    stream = GreedyStream(engine, rows=2, length=16)
+    stream.start()
+    gate = Gate()
+    gate.closed = True
+    server = make_server(engine, gate)
+    server.batcher.stream = stream
+    long_line = "A woman in a red dress is walking down the street with her two dogs ."
+    lengths = [len(ids) for ids in engine.encode(LINES + [long_line])]
+    assert lengths == [15, 11, 8, 16, 1, 17, 11, 23]  # LINES[5] and long_line do not fit the pool
+    requests = [{"q": [line], "beam": 1} for line in LINES if line] + [
+        {"q": LINES[:3], "beam": 1}, {"q": [LINES[1], long_line], "beam": 1}, {"q": LINES[:2], "beam": 2}]
+    total = sum(len(r["q"]) for r in requests)
+    answers = run(_client_calls(server, [("/v1/translate", r) for r in requests], gate, total))
+    server.batcher.stop()
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert server.batcher.cycles == 2  # greedy: the two requests with a long line; the beam request
+    assert server.batcher.stream_steps >= 4 and stream.active == 0  # 2 rows, 8 pooled lines: refilled
+    translator = reference_translator(engine)
+    for request, answer in zip(requests, answers):
+        settings = tr.settings_from(engine.cfg, beam_size=request["beam"])
+        alone = translator.translate_lines(engine.params, request["q"], settings, progress=False)
+        got = answer.json()["translations"]
+        assert [t["hypotheses"][0]["text"] for t in got] == [hyps[0][0] for hyps in alone]
+        assert [t["hypotheses"][0]["score"] for t in got] == pytest.approx([hyps[0][1] for hyps in alone], abs=1e-4)
+
+
+def test_row_pool_failure_fails_its_requests_and_serving_goes_on(engine, monkeypatch):
+    """A failure while the pool decodes answers its requests with a 500 and frees the pool's rows;
+    the next request is decoded normally."""
+    from transformer_mt.serve.engine import GreedyStream
+
+    stream = GreedyStream(engine, rows=4)
+    stream.start()
+    server = make_server(engine)
+    server.batcher.stream = stream
+    calls = {"n": 0}
+    advance = stream.pool.advance
+
+    def failing_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return advance()
+
+    monkeypatch.setattr(stream.pool, "advance", failing_once)
+    first = run(_client_calls(server, [("/v1/translate", {"q": LINES[:3], "beam": 1})]))[0]
+    assert first.status_code == 500 and "device lost" in first.json()["error"]
+    assert stream.active == 0 and server.batcher.busy_lines == 0
+    second = run(_client_calls(server, [("/v1/translate", {"q": LINES[:3], "beam": 1})]))[0]
+    server.batcher.stop()
+    alone = engine.translator.translate_lines(engine.params, LINES[:3], engine.settings(beam_size=1))
+    assert [t["hypotheses"][0]["text"] for t in second.json()["translations"]] == [h[0][0] for h in alone]
+
+
 BAD_REQUESTS = [
     # (path, body bytes, content type, status, words the error must contain)
     ("/v1/translate", b'{"q": ', "application/json", 400, "not valid JSON"),

@@ -237,27 +237,16 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
     def body(carry):
         step, last, tokens, done, scores, cache = carry
         logits, cache = tokens_to_logits(last, cache)  # [B, V]
-        # No full log-softmax: the first argmax of the allowed logits, scored by its
-        # log-probability (computed as jax.nn.log_softmax does, as beam search scores it).
         logits = logits.astype(jnp.float32)
         scored = with_scores or sampler is not None  # a sampler draws from the shifted logits
-        if scored:
-            maxima, top = _maxima_and_top(logits, banned_ids)
-            log_norm = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # [B]
-        if sampler is None:
-            nxt = first_argmax(logits, banned_ids, maxima=maxima if scored else None)
-        else:
-            banned = _banned(logits.shape[-1], banned_ids)
-            shifted = logits - top
-            choosable = shifted if banned is None else jnp.where(banned, -jnp.inf, shifted)
-            nxt = sampler(choosable, jax.vmap(jax.random.fold_in, (0, None))(keys, step))
+        nxt, norm = _choose(logits, banned_ids, scored, sampler,
+                            None if sampler is None else jax.vmap(jax.random.fold_in, (0, None))(keys, step))
         nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
         forced, token = _prefix_token(prefix, prefix_lens, step)
         if forced is not None:
             nxt = jnp.where(forced, token, nxt)
         if scored:
-            logp = (jnp.take_along_axis(logits, nxt[:, None], axis=-1)[:, 0] - top[:, 0]) - log_norm
-            scores = scores + jnp.where(done, 0.0, logp)
+            scores = scores + jnp.where(done, 0.0, _log_prob(logits, nxt, norm))
         nxt = jnp.where(done, pad_id, nxt)
         tokens = tokens.at[:, step].set(nxt)
         return step + 1, nxt, tokens, done | (nxt == eos_id), scores, cache
@@ -267,6 +256,60 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
             jnp.zeros((batch_size,), jnp.float32), cache)
     _, _, tokens, _, scores, _ = jax.lax.while_loop(cond, body, init)
     return tokens, scores
+
+
+def _choose(logits, banned_ids, scored: bool, sampler=None, step_keys=None):
+    """Each row's next token: the first argmax of the allowed logits, or the sampler's draw
+    (step_keys [B, 2]) from them. No full log-softmax: with `scored`, also the (top, log_norm)
+    that `_log_prob` scores a chosen token with, as jax.nn.log_softmax computes it (and beam
+    search scores it)."""
+    norm = None
+    maxima = None
+    if scored:
+        maxima, top = _maxima_and_top(logits, banned_ids)
+        norm = (top, jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)))  # [B, 1], [B]
+    if sampler is None:
+        return first_argmax(logits, banned_ids, maxima=maxima), norm
+    banned = _banned(logits.shape[-1], banned_ids)
+    shifted = logits - norm[0]
+    choosable = shifted if banned is None else jnp.where(banned, -jnp.inf, shifted)
+    return sampler(choosable, step_keys), norm
+
+
+def _log_prob(logits, tokens, norm):
+    """Log-probabilities [B] of tokens [B] under logits [B, V] (norm from `_choose`)."""
+    top, log_norm = norm
+    return (jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - top[:, 0]) - log_norm
+
+
+def greedy_rows(tokens_to_logits, state, *, steps: int, eos_id: int, pad_id: int = 0, banned_ids=()):
+    """Up to `steps` greedy steps of rows that each sit at a position of their own (continuous
+    batching: rows join and leave between calls; rowpool.py). state: {"last" [B], "tokens"
+    [B, T], "done" [B] bool, "scores" [B], "max_lens" [B], "cache"}, cache["positions"] [B]
+    being each row's step. A row does what `greedy_search` does to it at the same step, so its
+    tokens and score are those of a batch of its own; a done row (finished, or a free slot)
+    stays where it is. Stops early when every row is done."""
+    rows = jnp.arange(state["done"].shape[0])
+
+    def cond(carry):
+        i, state = carry
+        return (i < steps) & ~jnp.all(state["done"])
+
+    def body(carry):
+        i, state = carry
+        done, position = state["done"], state["cache"]["positions"]
+        logits, cache = tokens_to_logits(state["last"], state["cache"])
+        logits = logits.astype(jnp.float32)
+        nxt, norm = _choose(logits, banned_ids, True)
+        nxt = jnp.where(position + 1 >= state["max_lens"], eos_id, nxt).astype(jnp.int32)
+        scores = state["scores"] + jnp.where(done, 0.0, _log_prob(logits, nxt, norm))
+        nxt = jnp.where(done, pad_id, nxt)
+        tokens = state["tokens"].at[rows, position].set(nxt, mode="drop")
+        cache = {**cache, "positions": jnp.where(done, position, cache["positions"])}
+        return i + 1, {**state, "last": nxt, "tokens": tokens, "done": done | (nxt == eos_id), "scores": scores,
+                       "cache": cache}
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
 def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):

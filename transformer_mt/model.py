@@ -3,7 +3,8 @@
 Entry points: `encode` (once per batch), `decode` (teacher forcing, training), and
 `cross_state` + `init_cache` + `decode_step` (+ `reorder_cache` for beams): incremental decoding,
 where the encoder's cross-attention keys/values are projected once per sentence and
-self-attention keys/values are cached.
+self-attention keys/values are cached; `init_row_cache` + `decode_rows`: the same step for rows
+at positions of their own (continuous batching, rowpool.py).
 
 Shapes are named in comments: B batch, S source length, T target length, H heads,
 K head dim, D model dim, V vocabulary.
@@ -147,6 +148,13 @@ def write_blocked(blocks, value, index, beams: int):
         fresh = jnp.where(index // block_len == j, value.astype(block.dtype), current)
         out.append(jax.lax.dynamic_update_slice_in_dim(block, fresh, pos, axis=2))
     return tuple(out)
+
+
+def write_rows(buffer, value, positions):
+    """buffer [B, H, L, K] with value [B, H, 1, K] written at each row's own position [B]
+    (positions past L are dropped: a finished row that no longer moves)."""
+    rows = jnp.arange(buffer.shape[0])
+    return buffer.at[rows, :, positions].set(value[:, :, 0].astype(buffer.dtype), mode="drop")
 
 
 def blocked_attention(q, k_blocks, v_blocks, mask, index):
@@ -337,7 +345,8 @@ class DecoderLayer(nnx.Module):
     def step(self, x, cache, offset, self_mask, cross_k, cross_v, cross_mask, positions):
         """Incremental decoding of x [B, N, D] (N hypotheses per sentence, all at position offset):
         writes their keys/values at entries offset * N .. offset * N + N-1 of cache k/v
-        [B, H, L, K] (or of its blocks, see Transformer.init_cache)."""
+        [B, H, L, K] (or of its blocks, see Transformer.init_cache). offset [B] (one hypothesis
+        a row): each row writes at its own position (decode_rows)."""
         new = {}
 
         def self_attention(h):
@@ -348,6 +357,8 @@ class DecoderLayer(nnx.Module):
                 value = value.transpose(0, 2, 1, 3)
                 if isinstance(cache[name], tuple):  # beams: blocked cache, read only where filled
                     new[name] = write_blocked(cache[name], value, offset, q.shape[1])
+                elif jnp.ndim(offset) == 1:  # rows at positions of their own
+                    new[name] = write_rows(cache[name], value, offset)
                 else:
                     new[name] = jax.lax.dynamic_update_slice_in_dim(
                         cache[name], value.astype(cache[name].dtype), offset * q.shape[1], 2)
@@ -421,6 +432,30 @@ class IncrementalDecoding:
             new_layers.append(layer_cache)
         logits = self._logits(x).reshape(batch * beams, -1)
         return logits, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
+
+    def init_row_cache(self, batch_size: int, max_len: int):
+        """Empty self-attention cache for batch_size rows that each move at their own position
+        (decode_rows): every row starts at position 0."""
+        shape = (batch_size, self.cfg.num_heads, max_len, self.cfg.d_model // self.cfg.num_heads)
+        layers = tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+                       for _ in self.decoder_layers)
+        return {"layers": layers, "positions": jnp.zeros((batch_size,), jnp.int32)}
+
+    def decode_rows(self, ids, cache, cross):
+        """One greedy step of rows that each sit at their own position, cache['positions'] [B]:
+        ids [B] -> (float32 logits [B, V], cache with every position one further). The same
+        math per row as decode_step (a row sees its own entries up to its position), so a
+        sentence that joins a running batch gets the translation it gets in a batch of its own."""
+        positions = cache["positions"]
+        max_len = cache["layers"][0]["k"].shape[2]
+        x = self._embed(self.tgt_embed, ids[:, None], positions[:, None], None)  # [B, 1, D]
+        self_mask = (jnp.arange(max_len)[None, :] <= positions[:, None])[:, None, :, None]  # [B, 1, L, 1]
+        new_layers = []
+        for layer, layer_cache, (cross_k, cross_v) in zip(self.decoder_layers, cache["layers"], cross["layers"]):
+            x, layer_cache = layer.step(x, layer_cache, positions, self_mask, cross_k, cross_v,
+                                        cross["mask"], positions[:, None])
+            new_layers.append(layer_cache)
+        return self._logits(x)[:, 0], {"layers": tuple(new_layers), "positions": positions + 1}
 
 
 class Transformer(IncrementalDecoding, nnx.Module):

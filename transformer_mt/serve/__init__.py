@@ -29,11 +29,13 @@ def serve_command(args) -> int:
     except ImportError as e:
         raise ConfigError(f"serve needs the optional extra ({e.name} is missing): {EXTRA_HINT}") from None
     from transformer_mt.serve.batcher import Batcher
-    from transformer_mt.serve.engine import Engine
+    from transformer_mt.serve.engine import Engine, GreedyStream
     from transformer_mt.serve.fields import Limits
 
     limits = Limits(max_chars=args.max_chars, max_lines=args.max_lines, max_queue_lines=args.max_queue_lines,
                     timeout=args.timeout)
+    if args.pool_rows < 0:
+        raise ConfigError(f"--pool-rows must be 0 (off) or positive, got {args.pool_rows}")
     for name in ("max_chars", "max_lines", "max_queue_lines", "timeout", "batch_tokens"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -45,11 +47,12 @@ def serve_command(args) -> int:
     engine = Engine(args.checkpoint, args.step, args.last, precision=getattr(args, "precision", None))
     # every batch shape of greedy and of the run's own search (LibreTranslate's requests), compiled
     # or loaded from the compile cache in the background: /health says "warming" until done
-    engine.start_warm_up([engine.settings(beam_size=1), engine.settings()])
+    stream = GreedyStream(engine, rows=args.pool_rows) if args.pool_rows else None
+    engine.start_warm_up([engine.settings(beam_size=1), engine.settings()], stream)
     hold = (lambda: os.path.exists(args.hold_while_exists)) if args.hold_while_exists else None
     batcher = Batcher(engine.translate, args.batch_tokens or engine.cfg.decode.batch_tokens,
                       max_wait=args.max_wait_ms / 1000, max_queue_lines=limits.max_queue_lines, hold=hold,
-                      max_lines=engine.max_rows)
+                      max_lines=engine.max_rows, stream=stream)
     app = create_app(Server(engine, batcher, limits))
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"

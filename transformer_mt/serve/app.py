@@ -47,8 +47,9 @@ class Server:
         def on_done(job: Job) -> None:  # worker thread
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(job))
 
-        job = Job(lines, self.engine.padded_tokens(lines), settings, prefixes=prefixes, alignment=alignment,
-                  sampling=bool(settings.sampling), on_done=on_done)
+        ids = self.engine.encode(lines)
+        job = Job(lines, self.engine.padded_tokens(ids), settings, prefixes=prefixes, alignment=alignment,
+                  sampling=bool(settings.sampling), on_done=on_done, source_ids=ids)
         try:
             self.batcher.submit(job)
         except QueueFull as e:
@@ -207,6 +208,9 @@ async def health(request: Request) -> JSONResponse:
         "source": server.engine.src_lang, "target": server.engine.tgt_lang,
         "queue_lines": server.batcher.queued_lines, "busy_lines": server.batcher.busy_lines,
         "requests_in_flight": request.app.state.in_flight, "batches": server.batcher.cycles,
+        "row_pool": None if server.batcher.stream is None else {
+            "rows": server.batcher.stream.rows, "active": server.batcher.stream.active,
+            "ready": server.batcher.stream.pool is not None, "steps": server.batcher.stream_steps},
         "programs": server.engine.programs.count,
         "programs_from_cache": server.engine.programs.from_cache, "devices": server.engine.devices,
     })

@@ -12,6 +12,13 @@ under load, for as many lines as the last cycle had, was tried: no gain, RESULTS
 The decoding itself (`translate`, which sorts the lines into length-sorted batches padded to a
 power of two of rows, `Engine`) runs in the worker thread, off the event loop; each job collects its
 own lines' results in its own order and is told once all of them are in.
+
+With a `stream` (the engine's row pool, `engine.GreedyStream`), the jobs it accepts (greedy, the
+server's own settings, lines that fit its rows) skip the cycles: the worker puts their lines into
+the pool's free rows, a line of each waiting job in turn, steps the pool a few tokens, answers the
+lines that finished and refills their rows (continuous batching). A cycle's batch runs until its
+longest line ends; the pool's rows are refilled as soon as theirs do. Other jobs still go by
+cycles, between the pool's steps.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ class Job:
     _ids = itertools.count()
 
     def __init__(self, lines: Sequence[str], costs: Sequence[int], settings: Any, *, prefixes=None,
-                 alignment: bool = False, sampling: bool = False, on_done: Callable[["Job"], None] | None = None):
+                 alignment: bool = False, sampling: bool = False, on_done: Callable[["Job"], None] | None = None,
+                 source_ids: Sequence[Sequence[int]] | None = None):
         self.id = next(Job._ids)
         self.lines, self.costs, self.settings = list(lines), list(costs), settings
+        self.source_ids = source_ids  # the lines' token ids, where the caller has them (a stream reads them)
         self.prefixes, self.alignment = (list(prefixes) if prefixes is not None else None), alignment
         self.key: Hashable = (settings, alignment, prefixes is not None, self.id if sampling else None)
         self.results: list = [None] * len(self.lines)
@@ -59,8 +68,12 @@ class Batcher:
     returns one result per line (Engine.translate)."""
 
     def __init__(self, translate: Callable[..., list], budget: int, max_wait: float = 0.003,
-                 max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None, max_lines: int = 64):
+                 max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None, max_lines: int = 64,
+                 stream=None):
         self.translate, self.budget, self.max_wait = translate, budget, max_wait
+        self.stream = stream  # None, or what decodes the jobs it accepts row by row (engine.GreedyStream)
+        self._streamed: list[Job] = []  # the stream's jobs with lines not yet in its rows, in arrival order
+        self.stream_steps = 0  # calls of stream.advance
         self.max_lines = max_lines  # lines a cycle takes at most: bounds the batch shapes (Engine.shapes)
         self.max_queue_lines = max_queue_lines
         self.hold = hold  # tests: while it returns True the worker starts no cycle
@@ -83,7 +96,8 @@ class Batcher:
             if not job.lines:
                 _finish(job)
                 return
-            self._jobs.append(job)
+            streamed = self.stream is not None and self.stream.accepts(job)
+            (self._streamed if streamed else self._jobs).append(job)
             self.queued_lines += len(job.lines)
             self._cond.notify()
 
@@ -91,9 +105,10 @@ class Batcher:
         """Drops the job's lines not yet taken (its client has gone or timed out)."""
         with self._cond:
             job.cancelled = True
-            if job in self._jobs:
-                self._jobs.remove(job)
-                self.queued_lines -= job.waiting()
+            for queue in (self._jobs, self._streamed):
+                if job in queue:
+                    queue.remove(job)
+                    self.queued_lines -= job.waiting()
 
     def stop(self, timeout: float | None = None) -> None:
         """Lets the worker finish what is queued, then ends it."""
@@ -148,7 +163,76 @@ class Batcher:
             return slices
 
     def _run(self) -> None:
-        while (slices := self._take()) is not None:
+        while True:
+            with self._cond:
+                while self._held() or not (self._jobs or self._streaming()):
+                    if self._stopping and not (self._jobs or self._streaming()):
+                        return
+                    self._cond.wait(0.01 if self.hold is not None else None)
+                cycle = bool(self._jobs)
+            if self._streaming():
+                self._stream_step()
+            if cycle:
+                self._cycle(self._take())
+
+    def _held(self) -> bool:
+        return self.hold is not None and self.hold()
+
+    def _streaming(self) -> bool:
+        """True when the stream has lines waiting or rows decoding."""
+        return self.stream is not None and bool(self._streamed or self.stream.active)
+
+    def _stream_step(self) -> None:
+        """Fills the stream's free rows (a line of each waiting job in turn), steps it, answers the
+        lines that finished."""
+        with self._cond:
+            taken: list[tuple[Job, int]] = []
+            free = self.stream.free()
+            while free > len(taken) and self._streamed:
+                for j in list(self._streamed):
+                    if free == len(taken):
+                        break
+                    taken.append((j, j.next_line))
+                    j.next_line += 1
+                    if j.next_line == len(j.lines):
+                        self._streamed.remove(j)
+            self.queued_lines -= len(taken)
+            self.busy_lines += len(taken)
+        try:
+            finished = self.stream.admit(taken) + self.stream.advance()
+            error = None
+        except Exception as e:  # noqa: BLE001 (answered to these requests; the server goes on)
+            finished, error = [], e
+        with self._cond:
+            self.stream_steps += 1
+            if error is not None:  # every line in the stream's rows is lost: their jobs fail whole
+                lost = {(id(j), k): j for j, k in taken + self.stream.owners()}
+                self.busy_lines -= len(lost)
+                self.stream.reset()
+                for j in {id(j): j for j in lost.values()}.values():
+                    self._fail(j, error)
+                return
+            for (j, k), hyps in finished:
+                j.results[k] = hyps
+                j.remaining -= 1
+                self.busy_lines -= 1
+                if j.remaining == 0 and j.error is None:
+                    _finish(j)
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        """The job fails whole; its lines not yet taken are dropped (call with the lock held)."""
+        for queue in (self._jobs, self._streamed):
+            if job in queue:
+                queue.remove(job)
+                self.queued_lines -= job.waiting()
+        job.next_line = len(job.lines)
+        if job.error is None:
+            job.error = error
+            _finish(job)
+
+    def _cycle(self, slices) -> None:
+        """Decodes one cycle's slices and answers the jobs they complete."""
+        if slices:
             first = slices[0][0]
             lines = [line for j, a, b in slices for line in j.lines[a:b]]
             prefixes = None if first.prefixes is None else [p for j, a, b in slices for p in j.prefixes[a:b]]
@@ -166,13 +250,8 @@ class Batcher:
                     offset += b - a
                     j.remaining -= b - a
                     self.busy_lines -= b - a
-                    if error is not None:  # the job fails whole; its lines not yet taken are dropped
-                        if j in self._jobs:
-                            self._jobs.remove(j)
-                            self.queued_lines -= j.waiting()
-                            j.next_line = len(j.lines)
-                        j.error = error
-                        _finish(j)
+                    if error is not None:
+                        self._fail(j, error)
                     elif j.remaining == 0:
                         _finish(j)
 

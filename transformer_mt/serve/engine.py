@@ -19,9 +19,10 @@ from transformer_mt import data as data_lib
 from transformer_mt.alignment import align_hypotheses
 from transformer_mt.decode_batches import next_power_of_two
 from transformer_mt import program_store, sharding
+from transformer_mt.rowpool import RowPool
 from transformer_mt.rundir import load_run
 from transformer_mt.search import SearchSettings, Translator, settings_from
-from transformer_mt.textio import clean_line
+from transformer_mt.textio import clean_line, one_line
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class ProgramCounter:
 
 
 MAX_ROWS = 64  # lines one batching cycle decodes at most (Batcher.max_lines): the largest row count
+POOL_ROWS = 32  # rows of the greedy row pool (GreedyStream)
+POOL_LENGTH = 32  # source tokens a line may have to be decoded in the row pool (longer: by cycles)
+POOL_CHUNK = 8  # greedy steps between two refills of the pool's rows
 
 
 def rows_for(n: int, multiple: int) -> int:
@@ -101,14 +105,15 @@ class Engine:
             overrides["precision"] = self.precision
         return settings_from(self.cfg, **overrides)
 
-    def padded_tokens(self, lines: Sequence[str]) -> list[int]:
-        """Source tokens each line costs in a decoding batch: its length rounded up to its bucket
-        (0 for an empty line, which is not decoded)."""
+    def encode(self, lines: Sequence[str]) -> list[list[int]]:
+        """The lines' source token ids, cleaned as `translate` cleans a file's lines."""
+        return self.translator.tok.encode_src([clean_line(s) for s in lines])
+
+    def padded_tokens(self, ids: Sequence[Sequence[int]]) -> list[int]:
+        """Source tokens each line (its ids, `encode`) costs in a decoding batch: its length
+        rounded up to its bucket (0 for an empty line, which is not decoded)."""
         buckets = self.translator.buckets
-        out = []
-        for ids in self.translator.tok.encode_src([clean_line(s) for s in lines]):
-            out.append(0 if len(ids) <= 1 else data_lib.bucket_for(min(len(ids), buckets[-1]), buckets))
-        return out
+        return [0 if len(x) <= 1 else data_lib.bucket_for(min(len(x), buckets[-1]), buckets) for x in ids]
 
     def translate(self, lines: Sequence[str], settings: SearchSettings, prefixes: Sequence[str] | None = None,
                   alignment: bool = False, first_line: int = 1) -> list[list[Hypothesis]]:
@@ -143,14 +148,18 @@ class Engine:
             out.update((rows_for(n, self.row_multiple), length) for n in range(1, lines + 1))
         return sorted(out)
 
-    def warm_up(self, settings: Sequence[SearchSettings]) -> None:
-        """Compiles (or loads from the compile cache) every shape of `shapes` for these settings,
-        small batches first (what light load meets); warm_done counts them. Runs in a background
-        thread at start, so the server answers (compiling what it meets) while it warms."""
+    def warm_up(self, settings: Sequence[SearchSettings], stream: "GreedyStream | None" = None) -> None:
+        """Compiles (or loads from the compile cache) the stream's row pool, then every shape of
+        `shapes` for these settings, small batches first (what light load meets); warm_done counts
+        them. Runs in a background thread at start, so the server answers (compiling what it
+        meets) while it warms."""
         todo = sorted({(rows, length, s) for s in settings for rows, length in self.shapes(s)},
                       key=lambda t: (t[0], settings.index(t[2]), t[1]))
-        self.warm_total = len(todo)
+        self.warm_total = len(todo) + (stream is not None)
         try:
+            if stream is not None:
+                stream.start()
+                self.warm_done += 1
             for rows, length, s in todo:
                 if self._stop_warm.is_set():
                     return
@@ -159,10 +168,11 @@ class Engine:
         except Exception as e:  # noqa: BLE001 (reported by /health; serving goes on, compiling on demand)
             self.warm_error = e
 
-    def start_warm_up(self, settings: Sequence[SearchSettings]) -> threading.Thread:
+    def start_warm_up(self, settings: Sequence[SearchSettings], stream: "GreedyStream | None" = None
+                      ) -> threading.Thread:
         self.warm_total = 1  # warming from now on, until warm_up has counted and compiled the shapes
-        self._warm_thread = threading.Thread(target=self.warm_up, args=(list(settings),), name="serve-warm-up",
-                                             daemon=True)
+        self._warm_thread = threading.Thread(target=self.warm_up, args=(list(settings), stream),
+                                             name="serve-warm-up", daemon=True)
         self._warm_thread.start()
         return self._warm_thread
 
@@ -176,3 +186,57 @@ class Engine:
     @property
     def warming(self) -> bool:
         return self.warm_error is None and self.warm_done < self.warm_total
+
+
+class GreedyStream:
+    """The engine's greedy row pool (rowpool.RowPool) as the batcher meets it: which jobs it
+    takes (greedy with the server's settings, no prefix, no alignment, every line within
+    POOL_LENGTH source tokens), lines in, hypotheses out (the text `translate` writes). Takes no
+    job until `start` has compiled (or loaded) the pool's programs; until then they go by cycles."""
+
+    def __init__(self, engine: Engine, rows: int = POOL_ROWS, length: int = POOL_LENGTH, chunk: int = POOL_CHUNK):
+        self.engine = engine
+        self.settings = engine.settings(beam_size=1)
+        self.length = min(length, engine.translator.buckets[-1])
+        multiple = engine.row_multiple
+        self.rows, self.chunk = -(-rows // multiple) * multiple, chunk
+        self.pool: RowPool | None = None
+
+    def start(self) -> None:
+        """Builds the pool and compiles its programs (the warm-up thread); jobs are taken after."""
+        e = self.engine
+        pool = RowPool(e.translator.graphdef, e.params, e.translator.mesh, self.settings, self.rows, self.length,
+                       self.chunk)
+        pool.warm_up()
+        self.pool = pool
+
+    def accepts(self, job) -> bool:
+        return (self.pool is not None and job.key == (self.settings, False, False, None)
+                and job.source_ids is not None and all(len(ids) <= self.length for ids in job.source_ids))
+
+    @property
+    def active(self) -> int:
+        return 0 if self.pool is None else self.pool.active
+
+    def free(self) -> int:
+        return self.pool.free()
+
+    def owners(self) -> list:
+        return [key for key in self.pool.owner if key is not None]
+
+    def reset(self) -> None:
+        self.pool.reset()
+
+    def admit(self, lines: Sequence[tuple]) -> list[tuple[tuple, list[Hypothesis]]]:
+        """Puts each (job, line number) into a free row; empty lines are answered at once."""
+        empty = [(key, [Hypothesis("", 0.0)]) for key in lines if len(key[0].source_ids[key[1]]) <= 1]
+        todo = [(key, key[0].source_ids[key[1]]) for key in lines if len(key[0].source_ids[key[1]]) > 1]
+        if todo:
+            self.pool.admit(todo)
+        return empty
+
+    def advance(self) -> list[tuple[tuple, list[Hypothesis]]]:
+        """Steps the pool; ((job, line number), [its hypothesis]) of the lines that finished."""
+        finished = self.pool.advance()
+        texts = self.engine.translator.tok.decode_tgt([ids for _, ids, _ in finished])
+        return [(key, [Hypothesis(one_line(text), score)]) for (key, _, score), text in zip(finished, texts)]

@@ -1,0 +1,236 @@
+"""Continuous batching for greedy search: a pool of rows that sentences join and leave between
+chunks of steps.
+
+A batch decoded whole runs until its longest sentence ends. In a server's batch of 16-32 random
+test_2016 sentences that is 1.8-2.0x the steps its sentences need (a file's length-sorted
+batches waste 2-7%; benchmarks/RESULTS.md). Here a fixed pool of rows, sources padded to one
+length, steps `chunk` tokens at a time (`decode.greedy_rows`); between chunks the finished rows
+hand back their translations and waiting sentences take their slots (`admit`: encoded, their
+cross-attention keys and values written into the pool). Each row moves at its own position
+(`Transformer.decode_rows`), so a sentence gets the tokens it gets from `translate`.
+
+The pool's arrays stay on the devices, rows split over the mesh's data axis, each device stepping
+its own rows in its own loop (as `search.compiled_search` does). Programs: one `advance`, and one
+`admit` per power of two of new rows a device (log2(rows a device) + 1 of them), kept in the
+program store like the search programs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from transformer_mt import decode as decode_lib
+from transformer_mt import matmul, program_store, sharding
+from transformer_mt.decode_batches import next_power_of_two
+from transformer_mt.search import SearchProgram, SearchSettings
+from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, cut_at_eos
+
+
+class RowPool:
+    """`rows` rows (a multiple of the mesh's data size) of sources padded to `length` tokens,
+    decoded greedily with `settings` (beam 1, no sampling, no prefixes) `chunk` steps a call."""
+
+    def __init__(self, graphdef, params, mesh, settings: SearchSettings, rows: int, length: int, chunk: int = 8):
+        if settings.beam_size != 1 or settings.sampling:
+            raise ValueError("a row pool decodes greedily")
+        self.graphdef, self.params, self.mesh, self.settings = graphdef, params, mesh, settings
+        self.devices = sharding.data_size(mesh)
+        if rows % self.devices:
+            raise ValueError(f"rows ({rows}) must be a multiple of the data-parallel size ({self.devices})")
+        self.rows, self.length, self.chunk = rows, length, chunk
+        self.per_device = rows // self.devices
+        self.max_steps = settings.max_steps(length)
+        self.owner: list = [None] * rows  # what each slot decodes (the caller's key), None when free
+        self._state = None  # leaves of the pool's arrays, created by reset()
+        self._treedef = None
+        key = (program_store.structure(graphdef), settings.precision, settings.max_len_a, settings.max_len_b,
+               settings.max_len_cap, rows, length, chunk,
+               (mesh.devices.tolist(), mesh.axis_names))
+        self._advance = SearchProgram(*_advance_program(graphdef, mesh, settings.precision, chunk),
+                                      ("rowpool-advance",) + key, list(mesh.devices.flat))
+        self._admit = SearchProgram(*_admit_program(graphdef, mesh, settings.precision),
+                                    ("rowpool-admit",) + key, list(mesh.devices.flat))
+        self.reset()
+
+    # ------------------------------------------------------------------ host side
+
+    def reset(self) -> None:
+        """Every slot free (after an error, whatever was decoding is dropped)."""
+        model = nnx.merge(self.graphdef, self.params)
+        state = _empty_state(model, self.rows, self.length, self.max_steps)
+        leaves, self._treedef = jax.tree.flatten(state)
+        self._state = list(sharding.put_batch(self.mesh, {str(i): np.asarray(x) for i, x in enumerate(leaves)})
+                           [str(i)] for i in range(len(leaves)))
+        self.owner = [None] * self.rows
+
+    @property
+    def active(self) -> int:
+        return sum(o is not None for o in self.owner)
+
+    def free(self) -> int:
+        return self.rows - self.active
+
+    def fits(self, ids: Sequence[int]) -> bool:
+        """True when a source (ids ending in EOS) fits the pool's padded length."""
+        return len(ids) <= self.length
+
+    def admit(self, sources: Sequence[tuple[object, Sequence[int]]]) -> None:
+        """Starts decoding each (key, source ids) in a free slot; at most free() of them, each
+        with at least one token besides its EOS and within `length`."""
+        if len(sources) > self.free():
+            raise ValueError(f"{len(sources)} sources for {self.free()} free rows")
+        free_by_device = [[s for s in range(d * self.per_device, (d + 1) * self.per_device) if self.owner[s] is None]
+                          for d in range(self.devices)]
+        placed: list[list[tuple[int, Sequence[int]]]] = [[] for _ in range(self.devices)]
+        for key, ids in sources:  # to the device with the most free rows: the devices' loads stay even
+            d = max(range(self.devices), key=lambda d: len(free_by_device[d]) - len(placed[d]))
+            slot = free_by_device[d][len(placed[d])]
+            placed[d].append((slot, ids))
+            self.owner[slot] = key
+        n = next_power_of_two(max(len(p) for p in placed))
+        src = np.full((self.devices * n, self.length), PAD_ID, np.int32)
+        max_lens = np.ones((self.devices * n,), np.int32)
+        slots = np.full((self.devices * n,), self.per_device, np.int32)  # past the device's rows: dropped
+        for d, rows in enumerate(placed):
+            for j, (slot, ids) in enumerate(rows):
+                src[d * n + j, : len(ids)] = ids
+                max_lens[d * n + j] = self.settings.max_steps(len(ids))
+                slots[d * n + j] = slot - d * self.per_device
+        batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "slots": slots})
+        self._state = list(self._admit(self.params, batch["src"], batch["max_lens"], batch["slots"], *self._state))
+
+    def advance(self) -> list[tuple[object, list[int], float]]:
+        """Up to `chunk` steps of every row; (key, output ids, score) of each row that finished,
+        whose slot is free again."""
+        self._state = list(self._advance(self.params, *self._state))
+        state = jax.tree.unflatten(self._treedef, self._state)
+        done, tokens, scores = jax.device_get((state["done"], state["tokens"], state["scores"]))
+        out = []
+        for slot, key in enumerate(self.owner):
+            if key is not None and done[slot]:
+                out.append((key, cut_at_eos(tokens[slot]), float(scores[slot])))
+                self.owner[slot] = None
+        return out
+
+    def warm_up(self) -> None:
+        """Compiles (or loads) the advance program and every admit shape, on filler rows."""
+        self.reset()
+        for n in (1 << k for k in range(self.per_device.bit_length())):
+            if n > self.per_device:
+                break
+            batch = sharding.put_batch(self.mesh, {
+                "src": np.full((self.devices * n, self.length), PAD_ID, np.int32),
+                "max_lens": np.ones((self.devices * n,), np.int32),
+                "slots": np.full((self.devices * n,), self.per_device, np.int32)})
+            self._state = list(self._admit(self.params, batch["src"], batch["max_lens"], batch["slots"], *self._state))
+        self._state = list(self._advance(self.params, *self._state))
+        jax.block_until_ready(self._state)
+
+
+def _empty_state(model, rows: int, length: int, max_steps: int) -> dict:
+    """Every row free: done, nothing to decode. Cross-attention keys/values of `length` positions."""
+    heads, head_dim = model.cfg.num_heads, model.cfg.d_model // model.cfg.num_heads
+    cross_shape = (rows, heads, length, head_dim)
+    cross = {"layers": tuple((jnp.zeros(cross_shape, model.dtype), jnp.zeros(cross_shape, model.dtype))
+                             for _ in model.decoder_layers),
+             "mask": jnp.zeros((rows, 1, length, 1), bool)}
+    return {"last": jnp.full((rows,), PAD_ID, jnp.int32), "tokens": jnp.full((rows, max_steps), PAD_ID, jnp.int32),
+            "done": jnp.ones((rows,), bool), "scores": jnp.zeros((rows,), jnp.float32),
+            "max_lens": jnp.ones((rows,), jnp.int32), "cache": model.init_row_cache(rows, max_steps),
+            "cross": cross}
+
+
+@functools.lru_cache(maxsize=16)
+def _advance_program(graphdef, mesh, precision: str, chunk: int):
+    """(jitted advance(params, *state leaves) -> state leaves, ) for SearchProgram."""
+
+    def advance(params, *leaves):
+        with matmul.decoding_inputs(precision):
+            model = nnx.merge(graphdef, params)
+            state = jax.tree.unflatten(_treedef_of(model, leaves), leaves)
+            step = functools.partial(model.decode_rows, cross=state["cross"])
+            moving = {k: v for k, v in state.items() if k != "cross"}
+            moved = decode_lib.greedy_rows(step, moving, steps=chunk, eos_id=EOS_ID, pad_id=PAD_ID,
+                                           banned_ids=(PAD_ID, BOS_ID))
+            return tuple(jax.tree.leaves({**moved, "cross": state["cross"]}))
+
+    return (_jit_rows(advance, mesh, whole=1),)
+
+
+@functools.lru_cache(maxsize=16)
+def _admit_program(graphdef, mesh, precision: str):
+    """(jitted admit(params, src, max_lens, slots, *state leaves) -> state leaves, ) for SearchProgram."""
+
+    def admit(params, src, max_lens, slots, *leaves):
+        with matmul.decoding_inputs(precision):
+            model = nnx.merge(graphdef, params)
+            state = jax.tree.unflatten(_treedef_of(model, leaves), leaves)
+            encoded, src_mask = model.encode(src)
+            fresh = model.cross_state(encoded, src_mask)
+
+            def put(array, values):
+                return array.at[slots].set(values.astype(array.dtype), mode="drop")
+
+            cross = {"layers": tuple((put(k, nk), put(v, nv)) for (k, v), (nk, nv)
+                                     in zip(state["cross"]["layers"], fresh["layers"])),
+                     "mask": put(state["cross"]["mask"], fresh["mask"])}
+            n = src.shape[0]
+            cache = {**state["cache"], "positions": put(state["cache"]["positions"], jnp.zeros((n,), jnp.int32))}
+            new = {"last": put(state["last"], jnp.full((n,), BOS_ID, jnp.int32)),
+                   "tokens": put(state["tokens"], jnp.full((n, state["tokens"].shape[1]), PAD_ID, jnp.int32)),
+                   "done": put(state["done"], jnp.zeros((n,), bool)),
+                   "scores": put(state["scores"], jnp.zeros((n,), jnp.float32)),
+                   "max_lens": put(state["max_lens"], max_lens), "cache": cache, "cross": cross}
+            return tuple(jax.tree.leaves(new))
+
+    return (_jit_rows(admit, mesh, whole=1, leading_rows=3),)
+
+
+def _treedef_of(model, leaves) -> object:
+    """The pool state's tree structure (the same for any sizes), from a tiny empty state."""
+    return jax.tree.structure(jax.eval_shape(lambda: _empty_state(model, 1, 1, 1)))
+
+
+def _jit_rows(fn, mesh, whole: int, leading_rows: int = 0):
+    """jit(fn) whose first `whole` arguments are replicated and every other one split by rows
+    over the mesh's data axis (each device runs fn on its own rows); the pool's state (the
+    arguments after `whole + leading_rows`) is donated: updated in place, not copied."""
+    if sharding.data_size(mesh) > 1:
+        rows, rep = P(sharding.DATA), P()
+
+        def specs(n_args):
+            return (rep,) * whole + (rows,) * (n_args - whole)
+
+        inner = fn
+
+        def fn(*args):  # noqa: F811 (the shard_map needs the argument count)
+            return jax.shard_map(inner, mesh=mesh, in_specs=specs(len(args)), out_specs=rows, check_vma=False)(*args)
+
+    return _DonatingJit(fn, whole + leading_rows)
+
+
+class _DonatingJit:
+    """jax.jit(fn) donating every argument from index `first` on (any count of them)."""
+
+    def __init__(self, fn, first: int):
+        self.fn, self.first = fn, first
+        self._by_count: dict[int, object] = {}
+
+    def _jitted(self, n_args: int):
+        jitted = self._by_count.get(n_args)
+        if jitted is None:
+            jitted = self._by_count[n_args] = jax.jit(self.fn, donate_argnums=tuple(range(self.first, n_args)))
+        return jitted
+
+    def __call__(self, *args):
+        return self._jitted(len(args))(*args)
+
+    def lower(self, *args):
+        return self._jitted(len(args)).lower(*args)
