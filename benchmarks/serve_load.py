@@ -11,7 +11,8 @@
 3. For each client count: every client sends single sentences (POST /v1/translate) one after
    another until --requests are answered; prints p50/p95/p99 latency, sentences/s, errors and
    mismatches, programs compiled since warm-up, the server's RSS, the CPU the server and the
-   clients used (of the machine's cores), lines a batching cycle, and the server's sentences per
+   clients used (of the machine's cores), the batches and the row pool's steps the server ran (see
+   `serve --pool-rows`), and the server's sentences per
    CPU-second against `translate`'s (how well batching works, whatever the clients take).
 4. --soak: 32 clients for --soak-minutes (10); RSS at start and end.
 
@@ -274,21 +275,22 @@ def main() -> None:
                       f"{warm['mismatches']} mismatches; {health(url)['programs']} programs", flush=True)
         programs = health(url)["programs"]
         print("clients  requests  p50 ms  p95 ms  p99 ms  sent/s  vs file  errors  mismatches  new programs  RSS MiB"
-              "  server CPU  clients' CPU  lines a cycle  server sent/CPU-s vs file")
+              "  server CPU  clients' CPU  batches  pool steps  server sent/CPU-s vs file")
         for clients in levels:
             n = args.requests if clients > 1 else max(1, args.requests // 5)
-            cycles = health(url)["batches"]
+            before = health(url)
             server_cpu, own_cpu, start = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
             r = run_load(url, sentences, ref["lines"], clients, args.beam, args.client_procs, requests=n,
                          client_kind=args.client)
             wall = time.perf_counter() - start
             server_cpu, own_cpu = (cpu_seconds(proc.pid) - server_cpu) / wall, r["client_cpu_s"] / wall
             h = health(url)
-            per_cycle = r["requests"] / max(1, h["batches"] - cycles)
+            batches = h["batches"] - before["batches"]
+            pool_steps = (h["row_pool"] or {}).get("steps", 0) - (before["row_pool"] or {}).get("steps", 0)
             rss, peak = rss_mb(proc.pid)
             print(f"{clients:7d}  {r['requests']:8d}  {r['p50_ms']:6.1f}  {r['p95_ms']:6.1f}  {r['p99_ms']:6.1f}  "
                   f"{r['sent_per_s']:6.1f}  {r['sent_per_s'] / file_rate:6.0%}  {r['errors']:6d}  "
-                  f"{r['mismatches']:10d}  {h['programs'] - programs:12d}  {rss:7.0f}  {server_cpu:9.0%}  {own_cpu:12.0%}  {per_cycle:13.1f}  {r['sent_per_s'] / server_cpu / file_per_cpu:25.0%}"
+                  f"{r['mismatches']:10d}  {h['programs'] - programs:12d}  {rss:7.0f}  {server_cpu:9.0%}  {own_cpu:12.0%}  {batches:7d}  {pool_steps:10d}  {r['sent_per_s'] / server_cpu / file_per_cpu:25.0%}"
                   + (f"  {r['first_errors']}" if r["errors"] else ""), flush=True)
         if args.soak:
             rss_start, _ = rss_mb(proc.pid)

@@ -188,18 +188,24 @@ def test_long_request_is_split_so_short_ones_are_not_starved(engine):
     assert [h[0].text for h in long_job.results] == [h[0][0] for h in alone]
 
 
-def test_row_pool_answers_equal_translate_alone(engine):
-    """Greedy requests decoded in the row pool (continuous batching: 2 rows for 8 lines, so rows
-    are refilled while others are mid-sentence) get exactly what Translator gives each request
-    alone; requests with a line too long for the pool, and a beam request, go by cycles beside it."""
+@pytest.fixture(scope="module")
+def stream(engine):
+    """The engine's greedy row pool, compiled once: 2 rows, lines of up to 16 source tokens."""
     from transformer_mt.serve.engine import GreedyStream
 
     stream = GreedyStream(engine, rows=2, length=16)
     stream.start()
+    return stream
+
+
+def test_row_pool_answers_equal_translate_alone(engine, stream):
+    """Greedy requests decoded in the row pool (continuous batching: 2 rows for 8 lines, so rows
+    are refilled while others are mid-sentence) get exactly what Translator gives each request
+    alone; requests with a line too long for the pool, and a beam request, go by cycles beside it."""
     gate = Gate()
     gate.closed = True
     server = make_server(engine, gate)
-    server.batcher.stream = stream
+    server.batcher.stream, server.batcher.stream_from = stream, 1  # the pool from the first line
     long_line = "A woman in a red dress is walking down the street with her two dogs ."
     lengths = [len(ids) for ids in engine.encode(LINES + [long_line])]
     assert lengths == [15, 11, 8, 16, 1, 17, 11, 23]  # LINES[5] and long_line do not fit the pool
@@ -220,15 +226,44 @@ def test_row_pool_answers_equal_translate_alone(engine):
         assert [t["hypotheses"][0]["score"] for t in got] == pytest.approx([hyps[0][1] for hyps in alone], abs=1e-4)
 
 
-def test_row_pool_failure_fails_its_requests_and_serving_goes_on(engine, monkeypatch):
+def test_row_pool_takes_jobs_from_a_load_until_it_falls(engine, stream):
+    """Jobs go to the pool once the server holds stream_from lines, and by cycles again once it
+    holds stream_until or fewer (not back and forth around one threshold)."""
+    from transformer_mt.serve.batcher import Job
+
+    gate = Gate()
+    gate.closed = True
+    batcher = Batcher(engine.translate, engine.cfg.decode.batch_tokens, max_wait=0.0, hold=gate, stream=stream,
+                      stream_from=3, stream_until=1)
+    settings = engine.settings(beam_size=1)
+
+    answered = []
+
+    def job(lines):
+        ids = engine.encode(lines)
+        done = threading.Event()
+        answered.append(done)
+        return Job(lines, engine.padded_tokens(ids), settings, source_ids=ids, on_done=lambda _: done.set())
+
+    jobs = [job(LINES[:1]), job(LINES[1:3]), job(LINES[2:3])]  # the server holds 1, then 3, then 4 lines
+    for j in jobs:
+        batcher.submit(j)
+    assert [j in batcher._streamed for j in jobs] == [False, True, True]
+    gate.closed = False
+    for done in answered:
+        assert done.wait(600)
+    last = job(LINES[:1])  # the server holds 1 line again: by cycles
+    batcher.submit(last)
+    batcher.stop()
+    assert batcher.cycles == 2 and batcher.stream_steps >= 1
+    assert [h[0].text for h in last.results] == [h[0].text for h in jobs[0].results]
+
+
+def test_row_pool_failure_fails_its_requests_and_serving_goes_on(engine, stream, monkeypatch):
     """A failure while the pool decodes answers its requests with a 500 and frees the pool's rows;
     the next request is decoded normally."""
-    from transformer_mt.serve.engine import GreedyStream
-
-    stream = GreedyStream(engine, rows=4)
-    stream.start()
     server = make_server(engine)
-    server.batcher.stream = stream
+    server.batcher.stream, server.batcher.stream_from = stream, 1
     calls = {"n": 0}
     advance = stream.pool.advance
 

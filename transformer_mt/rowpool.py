@@ -10,8 +10,10 @@ cross-attention keys and values written into the pool). Each row moves at its ow
 (`Transformer.decode_rows`), so a sentence gets the tokens it gets from `translate`.
 
 The pool's arrays stay on the devices, rows split over the mesh's data axis, each device stepping
-its own rows in its own loop (as `search.compiled_search` does). Programs: one `advance`, and one
-`admit` per power of two of new rows a device (log2(rows a device) + 1 of them), kept in the
+its own rows in its own loop (as `search.compiled_search` does). New sentences take the lowest
+free rows, and a call steps only each device's first rows up to its highest busy one (rounded up
+to a power of two), so under light load a step costs what a small batch costs. Programs: one
+`advance` per such width and one `admit` per power of two of new rows a device, kept in the
 program store like the search programs.
 """
 
@@ -53,8 +55,12 @@ class RowPool:
         key = (program_store.structure(graphdef), settings.precision, settings.max_len_a, settings.max_len_b,
                settings.max_len_cap, rows, length, chunk,
                (mesh.devices.tolist(), mesh.axis_names))
-        self._advance = SearchProgram(*_advance_program(graphdef, mesh, settings.precision, chunk),
-                                      ("rowpool-advance",) + key, list(mesh.devices.flat))
+        # the rows a device steps: the smallest of these that holds its highest busy row (new
+        # sentences take the lowest free rows, so under light load a step costs what a small batch does)
+        self.widths = sorted({min(self.per_device, 1 << k) for k in range(1, self.per_device.bit_length() + 1)})
+        self._advance = {w: SearchProgram(*_advance_program(graphdef, mesh, settings.precision, chunk, w),
+                                          ("rowpool-advance", w) + key, list(mesh.devices.flat))
+                         for w in self.widths}
         self._admit = SearchProgram(*_admit_program(graphdef, mesh, settings.precision),
                                     ("rowpool-admit",) + key, list(mesh.devices.flat))
         self.reset()
@@ -77,10 +83,6 @@ class RowPool:
     def free(self) -> int:
         return self.rows - self.active
 
-    def fits(self, ids: Sequence[int]) -> bool:
-        """True when a source (ids ending in EOS) fits the pool's padded length."""
-        return len(ids) <= self.length
-
     def admit(self, sources: Sequence[tuple[object, Sequence[int]]]) -> None:
         """Starts decoding each (key, source ids) in a free slot; at most free() of them, each
         with at least one token besides its EOS and within `length`."""
@@ -89,8 +91,9 @@ class RowPool:
         free_by_device = [[s for s in range(d * self.per_device, (d + 1) * self.per_device) if self.owner[s] is None]
                           for d in range(self.devices)]
         placed: list[list[tuple[int, Sequence[int]]]] = [[] for _ in range(self.devices)]
-        for key, ids in sources:  # to the device with the most free rows: the devices' loads stay even
-            d = max(range(self.devices), key=lambda d: len(free_by_device[d]) - len(placed[d]))
+        for key, ids in sources:  # the lowest free row of any device: the busy rows stay low and even
+            d = min((d for d in range(self.devices) if len(free_by_device[d]) > len(placed[d])),
+                    key=lambda d: free_by_device[d][len(placed[d])] - d * self.per_device)
             slot = free_by_device[d][len(placed[d])]
             placed[d].append((slot, ids))
             self.owner[slot] = key
@@ -103,13 +106,19 @@ class RowPool:
                 src[d * n + j, : len(ids)] = ids
                 max_lens[d * n + j] = self.settings.max_steps(len(ids))
                 slots[d * n + j] = slot - d * self.per_device
+        self._run_admit(src, max_lens, slots)
+
+    def _run_admit(self, src, max_lens, slots) -> None:
+        """The admit program on [devices * n] rows: device d's sources are rows d * n ..."""
         batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "slots": slots})
         self._state = list(self._admit(self.params, batch["src"], batch["max_lens"], batch["slots"], *self._state))
 
     def advance(self) -> list[tuple[object, list[int], float]]:
-        """Up to `chunk` steps of every row; (key, output ids, score) of each row that finished,
-        whose slot is free again."""
-        self._state = list(self._advance(self.params, *self._state))
+        """Up to `chunk` steps of every busy row; (key, output ids, score) of each row that
+        finished, whose slot is free again."""
+        busy = max((slot % self.per_device + 1 for slot, key in enumerate(self.owner) if key is not None), default=1)
+        width = next(w for w in self.widths if w >= busy)
+        self._state = list(self._advance[width](self.params, *self._state))
         state = jax.tree.unflatten(self._treedef, self._state)
         done, tokens, scores = jax.device_get((state["done"], state["tokens"], state["scores"]))
         out = []
@@ -120,18 +129,20 @@ class RowPool:
         return out
 
     def warm_up(self) -> None:
-        """Compiles (or loads) the advance program and every admit shape, on filler rows."""
+        """Compiles (or loads) every admit and advance program and runs each advance once on a
+        busy filler row (XLA:CPU sets up the kernels of a loop's body on their first run, ~30 ms
+        a program here, which no request should pay)."""
         self.reset()
-        for n in (1 << k for k in range(self.per_device.bit_length())):
-            if n > self.per_device:
-                break
-            batch = sharding.put_batch(self.mesh, {
-                "src": np.full((self.devices * n, self.length), PAD_ID, np.int32),
-                "max_lens": np.ones((self.devices * n,), np.int32),
-                "slots": np.full((self.devices * n,), self.per_device, np.int32)})
-            self._state = list(self._admit(self.params, batch["src"], batch["max_lens"], batch["slots"], *self._state))
-        self._state = list(self._advance(self.params, *self._state))
+        filler = lambda n, busy: (np.full((self.devices * n, self.length), PAD_ID, np.int32),  # noqa: E731
+                                  np.ones((self.devices * n,), np.int32),  # a row of length limit 1: one step
+                                  np.tile(np.where(np.arange(n) < busy, 0, self.per_device), self.devices).astype(np.int32))
+        for n in sorted({next_power_of_two(m) for m in range(1, self.per_device + 1)}):
+            self._run_admit(*filler(n, 0))
+        for width in self.widths:
+            self._run_admit(*filler(1, 1))  # row 0 of each device busy for one step
+            self._state = list(self._advance[width](self.params, *self._state))
         jax.block_until_ready(self._state)
+        self.reset()
 
 
 def _empty_state(model, rows: int, length: int, max_steps: int) -> dict:
@@ -147,18 +158,24 @@ def _empty_state(model, rows: int, length: int, max_steps: int) -> dict:
             "cross": cross}
 
 
-@functools.lru_cache(maxsize=16)
-def _advance_program(graphdef, mesh, precision: str, chunk: int):
-    """(jitted advance(params, *state leaves) -> state leaves, ) for SearchProgram."""
+@functools.lru_cache(maxsize=64)
+def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int):
+    """(jitted advance(params, *state leaves) -> state leaves, ) for SearchProgram: `chunk` steps
+    of each device's first `width` rows (the others, free, are left as they are)."""
 
     def advance(params, *leaves):
         with matmul.decoding_inputs(precision):
             model = nnx.merge(graphdef, params)
             state = jax.tree.unflatten(_treedef_of(model, leaves), leaves)
-            step = functools.partial(model.decode_rows, cross=state["cross"])
-            moving = {k: v for k, v in state.items() if k != "cross"}
+            rows = state["done"].shape[0]
+            head = state if width >= rows else jax.tree.map(lambda x: x[:width], state)
+            step = functools.partial(model.decode_rows, cross=head["cross"])
+            moving = {k: v for k, v in head.items() if k != "cross"}
             moved = decode_lib.greedy_rows(step, moving, steps=chunk, eos_id=EOS_ID, pad_id=PAD_ID,
                                            banned_ids=(PAD_ID, BOS_ID))
+            if width < rows:
+                moved = jax.tree.map(lambda full, part: full.at[:width].set(part),
+                                     {k: state[k] for k in moved}, moved)
             return tuple(jax.tree.leaves({**moved, "cross": state["cross"]}))
 
     return (_jit_rows(advance, mesh, whole=1),)

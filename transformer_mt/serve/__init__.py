@@ -36,6 +36,8 @@ def serve_command(args) -> int:
                     timeout=args.timeout)
     if args.pool_rows < 0:
         raise ConfigError(f"--pool-rows must be 0 (off) or positive, got {args.pool_rows}")
+    if args.pool_steps < 1:
+        raise ConfigError(f"--pool-steps must be positive, got {args.pool_steps}")
     for name in ("max_chars", "max_lines", "max_queue_lines", "timeout", "batch_tokens"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -47,7 +49,7 @@ def serve_command(args) -> int:
     engine = Engine(args.checkpoint, args.step, args.last, precision=getattr(args, "precision", None))
     # every batch shape of greedy and of the run's own search (LibreTranslate's requests), compiled
     # or loaded from the compile cache in the background: /health says "warming" until done
-    stream = GreedyStream(engine, rows=args.pool_rows) if args.pool_rows else None
+    stream = GreedyStream(engine, rows=args.pool_rows, chunk=args.pool_steps) if args.pool_rows else None
     engine.start_warm_up([engine.settings(beam_size=1), engine.settings()], stream)
     hold = (lambda: os.path.exists(args.hold_while_exists)) if args.hold_while_exists else None
     batcher = Batcher(engine.translate, args.batch_tokens or engine.cfg.decode.batch_tokens,

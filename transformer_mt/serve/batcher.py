@@ -14,11 +14,13 @@ power of two of rows, `Engine`) runs in the worker thread, off the event loop; e
 own lines' results in its own order and is told once all of them are in.
 
 With a `stream` (the engine's row pool, `engine.GreedyStream`), the jobs it accepts (greedy, the
-server's own settings, lines that fit its rows) skip the cycles: the worker puts their lines into
-the pool's free rows, a line of each waiting job in turn, steps the pool a few tokens, answers the
-lines that finished and refills their rows (continuous batching). A cycle's batch runs until its
-longest line ends; the pool's rows are refilled as soon as theirs do. Other jobs still go by
-cycles, between the pool's steps.
+server's own settings, lines that fit its rows) skip the cycles once the server holds
+`stream_from` lines, until it holds only `stream_until`: the worker puts their lines into the pool's free rows, a line of each waiting
+job in turn, steps the pool a few tokens, answers the lines that finished and refills their rows
+(continuous batching). A cycle's batch runs until its longest line ends, which under load wastes
+half its steps; the pool's rows are refilled as theirs end. Under light load a cycle is
+the faster (one call for the whole batch where the pool makes one every few steps), so jobs go by
+cycles then. Other jobs always go by cycles, between the pool's steps.
 """
 
 from __future__ import annotations
@@ -69,9 +71,14 @@ class Batcher:
 
     def __init__(self, translate: Callable[..., list], budget: int, max_wait: float = 0.003,
                  max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None, max_lines: int = 64,
-                 stream=None):
+                 stream=None, stream_from: int = 24, stream_until: int = 8):
         self.translate, self.budget, self.max_wait = translate, budget, max_wait
         self.stream = stream  # None, or what decodes the jobs it accepts row by row (engine.GreedyStream)
+        # jobs go to the stream from `stream_from` lines in the server (queued or decoding) until
+        # the load falls to `stream_until`: not back and forth around one threshold, where the
+        # cycles' batches would hold up the pool's steps
+        self.stream_from, self.stream_until = stream_from, stream_until
+        self.streaming_load = False
         self._streamed: list[Job] = []  # the stream's jobs with lines not yet in its rows, in arrival order
         self.stream_steps = 0  # calls of stream.advance
         self.max_lines = max_lines  # lines a cycle takes at most: bounds the batch shapes (Engine.shapes)
@@ -96,7 +103,12 @@ class Batcher:
             if not job.lines:
                 _finish(job)
                 return
-            streamed = self.stream is not None and self.stream.accepts(job)
+            load = self.queued_lines + self.busy_lines + len(job.lines)
+            if load >= self.stream_from:
+                self.streaming_load = True
+            elif load <= self.stream_until:
+                self.streaming_load = False
+            streamed = self.stream is not None and self.streaming_load and self.stream.accepts(job)
             (self._streamed if streamed else self._jobs).append(job)
             self.queued_lines += len(job.lines)
             self._cond.notify()

@@ -63,7 +63,7 @@ class ProgramCounter:
 
 
 MAX_ROWS = 64  # lines one batching cycle decodes at most (Batcher.max_lines): the largest row count
-POOL_ROWS = 32  # rows of the greedy row pool (GreedyStream)
+POOL_ROWS = 64  # rows of the greedy row pool (GreedyStream); a step runs only as many as are busy
 POOL_LENGTH = 32  # source tokens a line may have to be decoded in the row pool (longer: by cycles)
 POOL_CHUNK = 8  # greedy steps between two refills of the pool's rows
 
