@@ -222,11 +222,13 @@ def _add_serve(sub) -> None:
                    "(default: the run's decode.batch_tokens)")
     p.add_argument("--max-wait-ms", type=float, default=3.0,
                    help="when idle, how long the first request waits for others to share its batch (default 3)")
-    p.add_argument("--pool-rows", type=int, default=64, metavar="N",
-                   help="rows of the greedy row pool (default 64; 0: off). Greedy requests with the server's "
-                   "settings are decoded in it a few steps at a time, each finished row refilled at once from "
-                   "the queue (continuous batching), instead of in batches that run until their longest line "
-                   "ends; lines over 32 source tokens and other settings go by batches")
+    p.add_argument("--pool-rows", type=int, default=0, metavar="N",
+                   help="continuous batching under heavy load (default 0: off; e.g. 64): from 48 lines in the "
+                   "server until it holds 16, greedy requests with the server's settings are decoded in a pool "
+                   "of N rows a few steps at a time, each finished row refilled from the queue at once, instead "
+                   "of in batches that run until their longest line ends. The same translations; on a 2-core CPU "
+                   "0.95-1.3x the sentences/s of batches at 64 clients (benchmarks/RESULTS.md). Lines over 32 "
+                   "source tokens and other settings go by batches")
     p.add_argument("--pool-steps", type=int, default=8, metavar="N",
                    help="greedy steps the row pool takes between two refills of its rows (default 8): fewer "
                    "answers a finished line sooner, at one more call to the devices every N steps")

@@ -116,8 +116,9 @@ def resolve_precision(name: str, d_model: int) -> str:
     float32 elsewhere (a GPU or TPU model computes in bf16 already). Measured on an AMX CPU
     (benchmarks/RESULTS.md): at Transformer-base size int8 decodes 1.36-1.39x as fast as bf16
     (its wide products, FFN and vocabulary, run 2-3x faster), at d 128 0.87-0.93x (the per-row
-    quantisation of activations costs more than narrow products save); bf16 kept test BLEU
-    within 0.1 of float32, int8 within 0.2."""
+    quantisation of activations costs more than narrow products save); on an AVX512-BF16 CPU
+    without AMX (AMD EPYC) 1.04-1.15x at base and 0.78x at d 128; bf16 kept test BLEU within
+    0.1 of float32, int8 within 0.2."""
     if name != "auto":
         return name
     if not (jax.default_backend() == "cpu" and cpu_has_bf16_dots()):

@@ -71,7 +71,7 @@ class Batcher:
 
     def __init__(self, translate: Callable[..., list], budget: int, max_wait: float = 0.003,
                  max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None, max_lines: int = 64,
-                 stream=None, stream_from: int = 24, stream_until: int = 8):
+                 stream=None, stream_from: int = 48, stream_until: int = 16):
         self.translate, self.budget, self.max_wait = translate, budget, max_wait
         self.stream = stream  # None, or what decodes the jobs it accepts row by row (engine.GreedyStream)
         # jobs go to the stream from `stream_from` lines in the server (queued or decoding) until
