@@ -58,10 +58,10 @@ class RowPool:
         # the rows a device steps: the smallest of these that holds its highest busy row (new
         # sentences take the lowest free rows, so under light load a step costs what a small batch does)
         self.widths = sorted({min(self.per_device, 1 << k) for k in range(1, self.per_device.bit_length() + 1)})
-        self._advance = {w: SearchProgram(*_advance_program(graphdef, mesh, settings.precision, chunk, w),
+        self._advance = {w: SearchProgram(_advance_program(graphdef, mesh, settings.precision, chunk, w),
                                           ("rowpool-advance", w) + key, list(mesh.devices.flat))
                          for w in self.widths}
-        self._admit = SearchProgram(*_admit_program(graphdef, mesh, settings.precision),
+        self._admit = SearchProgram(_admit_program(graphdef, mesh, settings.precision),
                                     ("rowpool-admit",) + key, list(mesh.devices.flat))
         self.reset()
 
@@ -108,6 +108,13 @@ class RowPool:
                 slots[d * n + j] = slot - d * self.per_device
         self._run_admit(src, max_lens, slots)
 
+    def _filler(self, n: int, busy: int) -> tuple:
+        """Admit arguments of n all-padding sources a device, the first `busy` of them into row 0
+        with a length limit of 1 (one step), the rest dropped."""
+        slots = np.tile(np.where(np.arange(n) < busy, 0, self.per_device), self.devices).astype(np.int32)
+        return (np.full((self.devices * n, self.length), PAD_ID, np.int32), np.ones((self.devices * n,), np.int32),
+                slots)
+
     def _run_admit(self, src, max_lens, slots) -> None:
         """The admit program on [devices * n] rows: device d's sources are rows d * n ..."""
         batch = sharding.put_batch(self.mesh, {"src": src, "max_lens": max_lens, "slots": slots})
@@ -133,13 +140,10 @@ class RowPool:
         busy filler row (XLA:CPU sets up the kernels of a loop's body on their first run, ~30 ms
         a program here, which no request should pay)."""
         self.reset()
-        filler = lambda n, busy: (np.full((self.devices * n, self.length), PAD_ID, np.int32),  # noqa: E731
-                                  np.ones((self.devices * n,), np.int32),  # a row of length limit 1: one step
-                                  np.tile(np.where(np.arange(n) < busy, 0, self.per_device), self.devices).astype(np.int32))
         for n in sorted({next_power_of_two(m) for m in range(1, self.per_device + 1)}):
-            self._run_admit(*filler(n, 0))
+            self._run_admit(*self._filler(n, busy=0))
         for width in self.widths:
-            self._run_admit(*filler(1, 1))  # row 0 of each device busy for one step
+            self._run_admit(*self._filler(1, busy=1))  # row 0 of each device busy for one step
             self._state = list(self._advance[width](self.params, *self._state))
         jax.block_until_ready(self._state)
         self.reset()
@@ -160,8 +164,8 @@ def _empty_state(model, rows: int, length: int, max_steps: int) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int):
-    """(jitted advance(params, *state leaves) -> state leaves, ) for SearchProgram: `chunk` steps
-    of each device's first `width` rows (the others, free, are left as they are)."""
+    """Jitted advance(params, *state leaves) -> state leaves: `chunk` steps of each device's
+    first `width` rows (the others, free, are left as they are)."""
 
     def advance(params, *leaves):
         with matmul.decoding_inputs(precision):
@@ -178,12 +182,13 @@ def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int):
                                      {k: state[k] for k in moved}, moved)
             return tuple(jax.tree.leaves({**moved, "cross": state["cross"]}))
 
-    return (_jit_rows(advance, mesh, whole=1),)
+    return _jit_rows(advance, mesh, whole=1)
 
 
 @functools.lru_cache(maxsize=16)
 def _admit_program(graphdef, mesh, precision: str):
-    """(jitted admit(params, src, max_lens, slots, *state leaves) -> state leaves, ) for SearchProgram."""
+    """Jitted admit(params, src, max_lens, slots, *state leaves) -> state leaves: each device's
+    new sources encoded and written into its rows `slots` (a slot past its rows: dropped)."""
 
     def admit(params, src, max_lens, slots, *leaves):
         with matmul.decoding_inputs(precision):
@@ -207,7 +212,7 @@ def _admit_program(graphdef, mesh, precision: str):
                    "max_lens": put(state["max_lens"], max_lens), "cache": cache, "cross": cross}
             return tuple(jax.tree.leaves(new))
 
-    return (_jit_rows(admit, mesh, whole=1, leading_rows=3),)
+    return _jit_rows(admit, mesh, whole=1, leading_rows=3)
 
 
 def _treedef_of(model, leaves) -> object:
