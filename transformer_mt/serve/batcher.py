@@ -15,9 +15,9 @@ own lines' results in its own order and is told once all of them are in.
 
 With a `stream` (the engine's row pool, `engine.GreedyStream`), the jobs it accepts (greedy, the
 server's own settings, lines that fit its rows) skip the cycles once the server holds
-`stream_from` lines, until it holds only `stream_until`: the worker puts their lines into the pool's free rows, a line of each waiting
-job in turn, steps the pool a few tokens, answers the lines that finished and refills their rows
-(continuous batching). A cycle's batch runs until its longest line ends, which under load wastes
+`stream_from` lines, until it holds only `stream_until`: the worker puts their lines into the
+pool's free rows, a line of each waiting job in turn, steps the pool a few tokens, answers the
+lines that finished and refills their rows (continuous batching). A cycle's batch runs until its longest line ends, which under load wastes
 half its steps; the pool's rows are refilled as theirs end. Under light load a cycle is
 the faster (one call for the whole batch where the pool makes one every few steps), so jobs go by
 cycles then. Other jobs always go by cycles, between the pool's steps.
@@ -117,10 +117,7 @@ class Batcher:
         """Drops the job's lines not yet taken (its client has gone or timed out)."""
         with self._cond:
             job.cancelled = True
-            for queue in (self._jobs, self._streamed):
-                if job in queue:
-                    queue.remove(job)
-                    self.queued_lines -= job.waiting()
+            self._dequeue(job)
 
     def stop(self, timeout: float | None = None) -> None:
         """Lets the worker finish what is queued, then ends it."""
@@ -231,12 +228,16 @@ class Batcher:
                 if j.remaining == 0 and j.error is None:
                     _finish(j)
 
-    def _fail(self, job: Job, error: BaseException) -> None:
-        """The job fails whole; its lines not yet taken are dropped (call with the lock held)."""
+    def _dequeue(self, job: Job) -> None:
+        """Takes the job out of whichever queue holds it, with its lines not yet taken (lock held)."""
         for queue in (self._jobs, self._streamed):
             if job in queue:
                 queue.remove(job)
                 self.queued_lines -= job.waiting()
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        """The job fails whole; its lines not yet taken are dropped (call with the lock held)."""
+        self._dequeue(job)
         job.next_line = len(job.lines)
         if job.error is None:
             job.error = error

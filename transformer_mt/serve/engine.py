@@ -129,7 +129,7 @@ class Engine:
         """The last decoder layer's cross-attention (mean over heads) of the pair, as pieces and rows:
         {"source": pieces + </s>, "target": pieces + </s>, "weights": [target][source]}."""
         tok = self.translator.tok
-        src_ids = tok.encode_src([clean_line(source)])[0]
+        src_ids = self.encode([source])[0]
         tgt_ids = tok.encode_tgt([translation])[0]
         if len(src_ids) <= 1 or not tgt_ids:
             return {"source": [], "target": [], "weights": []}
