@@ -14,6 +14,7 @@ import signal
 import sys
 
 EXIT_USER_ERROR = 2
+DECODING_COMMANDS = ("translate", "evaluate", "serve")  # these run host_memory.keep_freed_memory
 DECODE_CPU_DEVICES = 2  # default of --cpu-devices (sharding.split_cpu)
 DECODE_PRECISIONS = ("auto", "float32", "bf16", "int8")  # --precision (config: decode.precision)
 EXIT_INTERRUPTED = 130
@@ -331,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformer_mt import compile_cache
 
     quiet_orbax_background_errors()
+    if args.command in DECODING_COMMANDS:
+        from transformer_mt.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     if hasattr(args, "cpu_devices"):
         from transformer_mt.sharding import split_cpu
 
