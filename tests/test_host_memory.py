@@ -36,5 +36,6 @@ def test_freed_blocks_are_reused_without_page_faults():
         pytest.skip("not glibc")
     _, faults_default = run("default")
     pages = 5 * (64 << 20) // 4096
-    assert faults_default > pages // 2  # each 64 MiB block is mapped afresh: ~16,000 faults apiece
-    assert faults_kept < pages // 20
+    if faults_default < pages // 2:  # e.g. transparent huge pages "always": 2 MiB a fault
+        pytest.skip(f"a fresh 64 MiB block took {faults_default // 5} page faults here, not ~16,000")
+    assert faults_kept < pages // 20  # the freed block is reused, its pages already there
