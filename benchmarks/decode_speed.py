@@ -18,6 +18,7 @@ machine falls on each alike; compare them as ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,24 +37,38 @@ def output_tokens(results) -> int:
     return sum(len(h[0][0]) + 1 for h in results if h)
 
 
-def measure(translator, params, ids, lines, settings_list, passes, counter):
-    """Figures for each of settings_list, their timed passes alternated."""
+def variant(precision: str):
+    """(settings' precision, context to decode in): 'int8-xla' is int8 with the products in XLA
+    rather than in int8_kernel's kernel (the same numbers; a comparison of speed)."""
+    if precision == "int8-xla":
+        from transformer_mt import int8_kernel
+
+        return "int8", int8_kernel.disabled
+    return precision, contextlib.nullcontext
+
+
+def measure(translator, params, ids, lines, settings_list, passes, counter, contexts=None):
+    """Figures for each of settings_list (each decoded inside its context), their timed passes alternated."""
+    contexts = contexts or [contextlib.nullcontext] * len(settings_list)
     firsts, programs, times, results = [], [], [[] for _ in settings_list], [None] * len(settings_list)
-    for settings in settings_list:
+    for settings, context in zip(settings_list, contexts):
         before = counter.count
         t0 = time.perf_counter()
-        translator.translate_ids(params, ids, settings)
+        with context():
+            translator.translate_ids(params, ids, settings)
         firsts.append(time.perf_counter() - t0)
         programs.append(counter.count - before)
     for _ in range(passes):
-        for k, settings in enumerate(settings_list):
+        for k, (settings, context) in enumerate(zip(settings_list, contexts)):
             t0 = time.perf_counter()
-            results[k] = translator.translate_ids(params, ids, settings)
+            with context():
+                results[k] = translator.translate_ids(params, ids, settings)
             times[k].append(time.perf_counter() - t0)
     out = []
     for k, settings in enumerate(settings_list):
         t0 = time.perf_counter()
-        translator.translate_lines(params, lines, settings, progress=False)
+        with contexts[k]():
+            translator.translate_lines(params, lines, settings, progress=False)
         end_to_end = time.perf_counter() - t0
         seconds = statistics.median(times[k])
         tokens = output_tokens(results[k])
@@ -75,7 +90,8 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=3, help="timed passes after the compiling one")
     p.add_argument("--batch-tokens", type=int, help="decode.batch_tokens override")
     p.add_argument("--precisions", default="auto",
-                   help="comma-separated decoding precisions (auto, float32, bf16, int8), passes alternated")
+                   help="comma-separated decoding precisions (auto, float32, bf16, int8; int8-xla: int8 products "
+                   "in XLA, not in our kernel), passes alternated")
     p.add_argument("--compile-cache", action="store_true",
                    help="use the persistent compilation cache (default off: compile time is measured)")
     p.add_argument("--source", help="source file (default: the run's data.test_files[0])")
@@ -110,12 +126,16 @@ def main() -> None:
           file=sys.stderr)
     for name, overrides in settings:
         for beam in (int(b) for b in args.beams.split(",")):
+            names = args.precisions.split(",")
+            variants = [variant(precision) for precision in names]
             many = [settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, precision=precision,
-                                     **overrides) for precision in args.precisions.split(",")]
+                                  **overrides) for precision, _ in variants]
             search = "greedy" if beam == 1 else f"beam{beam}"
-            for r in measure(translator, params, ids, lines, many, args.passes, counter):
-                report["results"][f"{name}/{search}/{r['precision']}"] = r
-                print(f"{name:8s} {search:7s} {r['precision']:7s} {r['sentences_per_s']:8.1f} sent/s "
+            for label, r in zip(names, measure(translator, params, ids, lines, many, args.passes, counter,
+                                               [context for _, context in variants])):
+                label = r["precision"] if label == "auto" else label
+                report["results"][f"{name}/{search}/{label}"] = r
+                print(f"{name:8s} {search:7s} {label:8s} {r['sentences_per_s']:8.1f} sent/s "
                       f"{r['tokens_per_s']:9.0f} tok/s  compile {r['compile_s']:5.1f} s ({r['programs']} programs)  "
                       f"end to end {r['end_to_end_sentences_per_s']:.1f} sent/s  "
                       f"{r['output_tokens'] / len(ids):.1f} tokens/sentence", flush=True)

@@ -58,7 +58,8 @@ def outputs(fn, params, args):
 def test_stored_program_translates_as_the_compiled_one(loaded_run, store, compiles, beam):
     cfg, graphdef, params, tok, mesh = loaded_run
     args = batch_args(tok, mesh)
-    jitted = outputs(new_search(graphdef, mesh, beam=beam).jitted, params, args)
+    fresh = new_search(graphdef, mesh, beam=beam)
+    jitted = outputs(lambda p, *batch: fresh.jitted(p, fresh.prepared(p), *batch), params, args)  # no store
     first = outputs(new_search(graphdef, mesh, beam=beam), params, args)
     assert len(compiles) == 1 and len(list(store.glob("*.program"))) == 1
     second = outputs(new_search(graphdef, mesh, beam=beam), params, args)  # as a new process would

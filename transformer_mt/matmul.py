@@ -11,8 +11,8 @@ Which matmuls: the model's Linear layers (and, when decoding, the output project
 `dot_general` below, which reads the dtype set by `matmul_inputs` while a function is traced, as
 `jax.default_matmul_precision` does. The training loss sets it (train_step.batch_sums); decoding
 sets it from its `precision` setting (`decoding_inputs`): bf16 as in training, or int8 (weights
-quantised per output channel, activations per row, int32 sums, as CTranslate2's int8 does),
-or float32, exact.
+quantised per output channel, activations per row, int32 sums, as CTranslate2's int8 does:
+int8_kernel.py, our own kernel where the CPU has AVX512-VNNI), or float32, exact.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import re
 
 import jax
 import jax.numpy as jnp
+
+from transformer_mt import int8_kernel
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 dot instructions
 
@@ -81,24 +83,6 @@ def _bf16_matmul_bwd(residuals, g):
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def int8_matmul(x, w):
-    """x [..., K] @ w [K, N] -> float32 [..., N] from int8 copies: w scaled per column and x per
-    row so that each one's largest magnitude maps to 127, products summed in int32, then rescaled.
-    No gradient (decoding only). Inside a search's loop the weights' quantisation does not depend
-    on the step, so XLA hoists it out of the loop."""
-    w_scale = _int8_scale(jnp.max(jnp.abs(w), axis=0))  # [N]
-    x_scale = _int8_scale(jnp.max(jnp.abs(x), axis=-1, keepdims=True))  # [..., 1]
-    w8 = jnp.round(w / w_scale).astype(jnp.int8)
-    x8 = jnp.round(x / x_scale).astype(jnp.int8)
-    sums = jax.lax.dot_general(x8, w8, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return sums.astype(jnp.float32) * (x_scale * w_scale)
-
-
-def _int8_scale(max_abs):
-    """The step of a symmetric int8 grid reaching max_abs (1 where it is 0: all zeros stay 0)."""
-    return jnp.where(max_abs > 0, max_abs / 127.0, 1.0).astype(jnp.float32)
-
-
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16, "int8": jnp.int8}  # decoding's names -> matmul_inputs dtype
 
 
@@ -147,13 +131,18 @@ def matmul_inputs(dtype):
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """jax.lax.dot_general, except inside matmul_inputs(bfloat16 or int8), where a float32
-    [..., K] x [K, N] product (a Linear layer's) goes through bf16_matmul or int8_matmul."""
+    [..., K] x [K, N] product (a Linear layer's), or [..., K] x [N, K] contracted on K (the tied
+    output projection), goes through bf16_matmul or int8_kernel.int8_matmul."""
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-    linear = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
+    linear = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) in ((0,), (1,)) and rhs.ndim == 2
               and not lhs_batch and not rhs_batch)
     inputs = _INPUT_DTYPE.get()
     if inputs in (jnp.bfloat16, jnp.int8) and linear and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
-        product = bf16_matmul(lhs, rhs) if inputs == jnp.bfloat16 else int8_matmul(lhs, rhs)
+        transposed = tuple(rhs_contract) == (1,)  # x @ rhs.T: a tied output projection's [V, D] table
+        if inputs == jnp.bfloat16:
+            product = bf16_matmul(lhs, rhs.T if transposed else rhs)
+        else:
+            product = int8_kernel.int8_matmul(lhs, rhs, transposed)
         return product.astype(preferred_element_type or jnp.float32)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)

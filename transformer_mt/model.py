@@ -509,10 +509,19 @@ class Transformer(IncrementalDecoding, nnx.Module):
         if self.output is not None:
             logits = self.output(h)
         elif matmul.reduced_inputs():  # decoding in bf16/int8: the tied projection too, its largest matmul
-            logits = matmul.dot_general(h, self.tgt_embed.embedding[...].T, (((h.ndim - 1,), (0,)), ((), ())))
+            logits = matmul.dot_general(h, self.tgt_embed.embedding[...], (((h.ndim - 1,), (1,)), ((), ())))
         else:
             logits = self.tgt_embed.attend(h)
         return logits.astype(jnp.float32)
+
+    def decoding_weights(self) -> list:
+        """(weight, transposed) of every product that int8 decoding runs with quantised weights:
+        the Linear layers' kernels [K, N], and the tied output projection's table [V, D], used
+        transposed (int8_kernel packs them once per params)."""
+        weights = [(m.kernel[...], False) for _, m in nnx.iter_modules(self) if isinstance(m, nnx.Linear)]
+        if self.output is None:
+            weights.append((self.tgt_embed.embedding[...], True))
+        return weights
 
     def output_embedding(self):
         """The output projection as [V, D] in the compute dtype: logits = features @ it.T."""

@@ -40,14 +40,14 @@ _FRESH_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """A hash of this package's source files and of what compiles them."""
+    """A hash of this package's source files (Python and the C++ kernel) and of what compiles them."""
     import flax
     import jaxlib
 
     digest = hashlib.sha256(f"{FORMAT} {jax.__version__} {jaxlib.__version__} {flax.__version__}".encode())
     digest.update(os.environ.get("XLA_FLAGS", "").encode())
     package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
+    for path in sorted([*package.rglob("*.py"), *package.rglob("*.cc")]):
         digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

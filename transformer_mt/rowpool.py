@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from transformer_mt import decode as decode_lib
-from transformer_mt import matmul, program_store, sharding
+from transformer_mt import int8_kernel, matmul, program_store, sharding
 from transformer_mt.decode_batches import next_power_of_two
 from transformer_mt.search import SearchProgram, SearchSettings
 from transformer_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, cut_at_eos
@@ -52,17 +52,18 @@ class RowPool:
         self.owner: list = [None] * rows  # what each slot decodes (the caller's key), None when free
         self._state = None  # leaves of the pool's arrays, created by reset()
         self._treedef = None
-        key = (program_store.structure(graphdef), settings.precision, settings.max_len_a, settings.max_len_b,
+        kernel, prepare = int8_kernel.preparer_for(graphdef, settings.precision, mesh)
+        key = (program_store.structure(graphdef), settings.precision, kernel, settings.max_len_a, settings.max_len_b,
                settings.max_len_cap, rows, length, chunk,
                (mesh.devices.tolist(), mesh.axis_names))
         # the rows a device steps: the smallest of these that holds its highest busy row (new
         # sentences take the lowest free rows, so under light load a step costs what a small batch does)
         self.widths = sorted({min(self.per_device, 1 << k) for k in range(1, self.per_device.bit_length() + 1)})
-        self._advance = {w: SearchProgram(_advance_program(graphdef, mesh, settings.precision, chunk, w),
-                                          ("rowpool-advance", w) + key, list(mesh.devices.flat))
+        self._advance = {w: SearchProgram(_advance_program(graphdef, mesh, settings.precision, chunk, w, kernel),
+                                          ("rowpool-advance", w) + key, list(mesh.devices.flat), prepare)
                          for w in self.widths}
-        self._admit = SearchProgram(_admit_program(graphdef, mesh, settings.precision),
-                                    ("rowpool-admit",) + key, list(mesh.devices.flat))
+        self._admit = SearchProgram(_admit_program(graphdef, mesh, settings.precision, kernel),
+                                    ("rowpool-admit",) + key, list(mesh.devices.flat), prepare)
         self.reset()
 
     # ------------------------------------------------------------------ host side
@@ -163,13 +164,12 @@ def _empty_state(model, rows: int, length: int, max_steps: int) -> dict:
 
 
 @functools.lru_cache(maxsize=64)
-def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int):
+def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int, kernel: bool = False):
     """Jitted advance(params, *state leaves) -> state leaves: `chunk` steps of each device's
     first `width` rows (the others, free, are left as they are)."""
 
-    def advance(params, *leaves):
-        with matmul.decoding_inputs(precision):
-            model = nnx.merge(graphdef, params)
+    def advance(params, prepared, *leaves):
+        with matmul.decoding_inputs(precision), int8_kernel.decoding_model(graphdef, params, prepared, kernel) as model:
             state = jax.tree.unflatten(_treedef_of(model, leaves), leaves)
             rows = state["done"].shape[0]
             head = state if width >= rows else jax.tree.map(lambda x: x[:width], state)
@@ -182,17 +182,16 @@ def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int):
                                      {k: state[k] for k in moved}, moved)
             return tuple(jax.tree.leaves({**moved, "cross": state["cross"]}))
 
-    return _jit_rows(advance, mesh, whole=1)
+    return _jit_rows(advance, mesh, whole=2)
 
 
 @functools.lru_cache(maxsize=16)
-def _admit_program(graphdef, mesh, precision: str):
+def _admit_program(graphdef, mesh, precision: str, kernel: bool = False):
     """Jitted admit(params, src, max_lens, slots, *state leaves) -> state leaves: each device's
     new sources encoded and written into its rows `slots` (a slot past its rows: dropped)."""
 
-    def admit(params, src, max_lens, slots, *leaves):
-        with matmul.decoding_inputs(precision):
-            model = nnx.merge(graphdef, params)
+    def admit(params, prepared, src, max_lens, slots, *leaves):
+        with matmul.decoding_inputs(precision), int8_kernel.decoding_model(graphdef, params, prepared, kernel) as model:
             state = jax.tree.unflatten(_treedef_of(model, leaves), leaves)
             encoded, src_mask = model.encode(src)
             fresh = model.cross_state(encoded, src_mask)
@@ -212,7 +211,7 @@ def _admit_program(graphdef, mesh, precision: str):
                    "max_lens": put(state["max_lens"], max_lens), "cache": cache, "cross": cross}
             return tuple(jax.tree.leaves(new))
 
-    return _jit_rows(admit, mesh, whole=1, leading_rows=3)
+    return _jit_rows(admit, mesh, whole=2, leading_rows=3)
 
 
 def _treedef_of(model, leaves) -> object:

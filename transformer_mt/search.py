@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from transformer_mt import decode as decode_lib
+from transformer_mt import int8_kernel
 from transformer_mt import matmul
 from transformer_mt import program_store
 from transformer_mt import sharding
@@ -133,11 +134,12 @@ def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_step
     Looked up by the graphdef's identity first: hashing a graphdef walks the whole model
     structure (3 ms on the default model), which a file of 10,000 lines paid once a batch."""
     scores = scores or beam_size > 1 or sampler is not None  # only greedy search can do without
-    key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, mesh, scores)
+    kernel = precision == "int8" and int8_kernel.active()  # int8 products by our kernel, or in XLA
+    key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, mesh, scores, kernel)
     hit = _BY_IDENTITY.get(key)
     if hit is not None and hit[0] is graphdef:
         return hit[1]
-    fn = _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision, mesh, scores)
+    fn = _compiled_search(graphdef, beam_size, alpha, nbest, max_steps, sampler, precision, mesh, scores, kernel)
     if len(_BY_IDENTITY) >= 256:
         _BY_IDENTITY.clear()
     _BY_IDENTITY[key] = (graphdef, fn)
@@ -146,14 +148,16 @@ def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_step
 
 @functools.lru_cache(maxsize=64)
 def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_steps: int,
-                     sampler: tuple[float, int, float] | None, precision: str, mesh=None, want_scores: bool = True):
+                     sampler: tuple[float, int, float] | None, precision: str, mesh=None, want_scores: bool = True,
+                     kernel: bool = False):
     """jit(encode + search) for one model structure and search setting, shared by every Translator
     in the process (validation BLEU during training, then `translate`).
 
     The program takes (params, src [B, S], max_lens [B], prefix [B, P], prefix_lens [B], row_ids
     [B], seed); prefix (P may be 0) holds target tokens forced first; row_ids and seed give each
     sentence its own random stream when sampling (temperature, top_k, top_p = sampler): nbest
-    draws per sentence, best first. precision: the matmuls' inputs (matmul.decoding_inputs).
+    draws per sentence, best first. precision: the matmuls' inputs (matmul.decoding_inputs);
+    kernel: int8 products by int8_kernel's kernel (else in XLA, with the same numbers).
     want_scores=False: greedy search without log-probabilities (zero scores, the same tokens).
 
     With a mesh whose "data" axis splits the rows, each device searches its own rows in its own
@@ -164,12 +168,12 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
     the same either way.
     """
 
-    def search(*args):
-        with matmul.decoding_inputs(precision):  # read while tracing
-            return _search(*args)
+    def search(params, prepared, *batch):
+        with matmul.decoding_inputs(precision), int8_kernel.decoding_model(graphdef, params, prepared,
+                                                                          kernel) as model:  # read while tracing
+            return _search(model, *batch)
 
-    def _search(params, src, max_lens, prefix, prefix_lens, row_ids, seed):
-        model = nnx.merge(graphdef, params)
+    def _search(model, src, max_lens, prefix, prefix_lens, row_ids, seed):
         prefix = prefix if prefix.shape[1] else None
         if sampler is not None:  # nbest independent draws: one row each
             src, max_lens, prefix_lens, prefix = (None if x is None else jnp.repeat(x, nbest, axis=0)
@@ -198,11 +202,13 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
 
     if mesh is not None and sharding.data_size(mesh) > 1:
         rows, whole = P(sharding.DATA), P()
-        search = jax.shard_map(search, mesh=mesh, in_specs=(whole, rows, rows, rows, rows, rows, whole),
+        search = jax.shard_map(search, mesh=mesh, in_specs=(whole, whole, rows, rows, rows, rows, rows, whole),
                                out_specs=(rows, rows), check_vma=False)
-    return SearchProgram(jax.jit(search), (program_store.structure(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, want_scores,
+    prepare = (int8_kernel.preparer(graphdef, None if mesh is None else sharding.replicated(mesh)) if kernel
+               else int8_kernel.nothing_prepared)
+    return SearchProgram(jax.jit(search), (program_store.structure(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, want_scores, kernel,
                                            None if mesh is None else (mesh.devices.tolist(), mesh.axis_names)),
-                         None if mesh is None else list(mesh.devices.flat))
+                         None if mesh is None else list(mesh.devices.flat), prepare)
 
 
 class SearchProgram:
@@ -212,16 +218,21 @@ class SearchProgram:
     the jitted function. A stored program is loaded onto the mesh's own devices (one compiled
     for device 0 does not load onto device 1: its argument shardings name device 0)."""
 
-    def __init__(self, jitted, settings_key: tuple, devices=None):
+    def __init__(self, jitted, settings_key: tuple, devices=None, prepare=None):
         self.jitted, self.settings_key = jitted, settings_key
         self.devices = devices  # the mesh's, which a stored program is loaded onto
+        self.prepare = prepare  # params -> what the search reads besides them (int8_kernel.preparer)
         self.programs: dict = {}
-        self._params_seen: tuple | None = None  # (weak reference to params, their signature)
+        self._params_seen: tuple | None = None  # (weak reference to params, their signature, prepared)
         self.store = program_store.store_dir()
 
     def __call__(self, params, *batch):
         program = self.program(params, *batch)
-        return self.jitted(params, *batch) if program is None else program(params, *batch)
+        return (self.jitted if program is None else program)(params, *self._extra(params), *batch)
+
+    def _extra(self, params) -> tuple:
+        """The arguments between params and the batch: what `prepare` makes of the params, if any."""
+        return () if self.prepare is None else (self.prepared(params),)
 
     def program(self, params, *batch):
         """The compiled program for these arguments (loaded or compiled now if need be), or None
@@ -235,7 +246,7 @@ class SearchProgram:
             key = program_store.program_key(self.settings_key, signature)
             program = program_store.load(self.store, key, self.devices)
             if program is None:
-                program = program_store.compile_fresh(self.jitted.lower(params, *batch))
+                program = program_store.compile_fresh(self.jitted.lower(params, *self._extra(params), *batch))
                 program_store.save(self.store, key, program)
             self.programs[signature] = program
         return program
@@ -243,15 +254,27 @@ class SearchProgram:
     def _params_signature(self, params) -> tuple:
         """The params' shapes, dtypes and shardings, walked once per params object (every batch of
         a file or of a server passes the same one), not once a batch."""
+        return self._seen(params)[0]
+
+    def prepared(self, params):
+        """What the search reads besides the params, made from them once per params object: the
+        int8 kernel's packed weights, or nothing."""
+        return self._seen(params)[1]
+
+    def _seen(self, params) -> tuple:
         seen = self._params_seen
         if seen is not None and seen[0]() is params:
-            return seen[1]
-        signature = tuple((x.shape, x.dtype.name, x.sharding) for x in jax.tree.leaves(params))
+            return seen[1:]
+        prepared = None if self.prepare is None else self.prepare(params)
+        leaves = jax.tree.leaves(params)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # traced (make_jaxpr): nothing to keep
+            return None, prepared
+        signature = tuple((x.shape, x.dtype.name, x.sharding) for x in leaves)
         try:
-            self._params_seen = (weakref.ref(params), signature)  # a new params object walks again
+            self._params_seen = (weakref.ref(params), signature, prepared)  # a new params object walks again
         except TypeError:  # a container without weak references: walked every time
             pass
-        return signature
+        return signature, prepared
 
 
 class Translator:

@@ -1,0 +1,122 @@
+"""The int8 product kernel (int8_kernel.py, int8_matmul.cc): equal to XLA's int8 product bit for
+bit on the same inputs, its weights packed once per params in a search, and a fallback to XLA
+where it cannot be built."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformer_mt import int8_kernel, search
+from transformer_mt.config import ModelConfig
+from transformer_mt.model import Transformer
+
+needs_kernel = pytest.mark.skipif(not int8_kernel.available(),
+                                  reason="no C++ compiler or no AVX512-VNNI here: int8 products run in XLA")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, k, n", [(1, 4, 1), (5, 32, 24), (7, 128, 100), (64, 128, 8000), (13, 132, 64),
+                                        (6, 2048, 65)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kernel_equals_xla_int8_bit_for_bit(rows, k, n, transposed):
+    """Rows not a multiple of the micro-kernel's 6, columns not of its 64, an all-zero row, a row
+    of one large value, weights of unlike column sizes: the same floats as XLA's product."""
+    rng = np.random.default_rng(rows * k + n)
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    x[0] = 0.0
+    if rows > 2:
+        x[2, 1] = 1e4
+    w = (rng.normal(size=(k, n)) * np.linspace(0.01, 10, n)).astype(np.float32)
+    w_arg = w.T.copy() if transposed else w
+    kernel = jax.jit(lambda x, w: int8_kernel.int8_matmul(x, w, transposed))(x, w_arg)
+    with int8_kernel.disabled():
+        xla = jax.jit(lambda x, w: int8_kernel.int8_matmul(x, w, transposed))(x, w_arg)
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(xla))
+    np.testing.assert_array_equal(np.asarray(kernel)[0], 0.0)
+
+
+@needs_kernel
+def test_kernel_takes_leading_dimensions():
+    x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    out = jax.jit(int8_kernel.int8_matmul)(x, w)
+    assert out.shape == (2, 3, 8)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.jit(int8_kernel.reference)(x, w)))
+
+
+def _primitives(jaxpr, found=None):
+    """Names of every primitive in a jaxpr and its sub-jaxprs (loops, branches, shard_map)."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        found.append(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _primitives(sub.jaxpr, found)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _primitives(sub, found)
+    return found
+
+
+@needs_kernel
+@pytest.mark.parametrize("tie", [True, False])
+def test_search_reads_weights_packed_once(tie):
+    """In an int8 search every Linear product and the output projection (tied or not) go to the
+    kernel with weights prepared outside the search program (none packed where it is used): the
+    search's own trace holds no quantisation of weights, only the kernel's calls."""
+    cfg = ModelConfig(d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64,
+                      dropout=0.0, dtype="float32", matmul_dtype="float32", tie_embeddings=tie)
+    graphdef, params = nnx.split(Transformer(cfg, 40, 40, nnx.Rngs(0)), nnx.Param)
+    program = search.compiled_search(graphdef, 1, 0.6, 1, 9, None, "int8")
+    prepared = program.prepared(params)
+    assert len(prepared) == 6 + 2 + 8 + 1  # encoder 6, cross keys/values 2, decoder 8, output 1
+    args = (jnp.ones((2, 8), jnp.int32), jnp.full((2,), 9, jnp.int32), jnp.zeros((2, 0), jnp.int32),
+            jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), np.uint32(0))
+    before = int8_kernel.packed_in_place
+    names = _primitives(jax.make_jaxpr(program.jitted)(params, prepared, *args).jaxpr)
+    assert int8_kernel.packed_in_place == before
+    assert names.count("ffi_call") == 17 and "round" not in names
+
+
+@needs_kernel
+@pytest.mark.parametrize("beam", [1, 2])
+def test_kernel_search_agrees_with_xla_int8(loaded_run, beam):
+    """The trained test run's translations through the kernel and through XLA's int8 product: XLA
+    computes a product's inputs in other fusions in the two programs (a layer norm's last bits),
+    so a score may move in its last digits and a near-tie between two words may go the other way;
+    the rest is the same."""
+    cfg, graphdef, params, tok, mesh = loaded_run
+    translator = search.Translator(cfg, graphdef, tok, mesh)
+    lines = ["A man is riding a bike .", "Two dogs play in the snow .", "A woman is walking down the street .",
+             "A group of people stand in front of a building .", "A little girl is climbing .", "A dog runs ."]
+    ids = tok.encode_src(lines)
+    settings = search.settings_from(cfg, beam_size=beam, precision="int8")
+    kernel = translator.translate_ids(params, ids, settings)
+    with int8_kernel.disabled():
+        xla = translator.translate_ids(params, ids, settings)
+    same = [(a[0][1], b[0][1]) for a, b in zip(kernel, xla) if a[0][0] == b[0][0]]
+    assert len(same) >= len(lines) - 1
+    np.testing.assert_allclose(*zip(*same), rtol=1e-3)
+
+
+def test_without_a_compiler_int8_runs_in_xla(monkeypatch, tmp_path, capsys):
+    """A failed build is a warning and XLA's product, not an error; so is the switch to turn it off."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built before
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    int8_kernel.available.cache_clear()
+    try:
+        if int8_kernel._cpu_has_flags(int8_kernel.CPU_FLAGS) and jax.default_backend() == "cpu":
+            assert not int8_kernel.available()
+            assert "int8 products run in XLA" in capsys.readouterr().err
+        x, w = np.ones((3, 8), np.float32), np.ones((8, 5), np.float32)
+        np.testing.assert_array_equal(np.asarray(jax.jit(int8_kernel.int8_matmul)(x, w)), 8.0)
+        monkeypatch.delenv("CXX")
+        monkeypatch.setenv("TRANSFORMER_MT_INT8_KERNEL", "0")
+        int8_kernel.available.cache_clear()
+        assert not int8_kernel.available()
+    finally:
+        monkeypatch.undo()
+        int8_kernel.available.cache_clear()
+        int8_kernel.available()  # registered again for the tests after this one

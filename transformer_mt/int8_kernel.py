@@ -1,0 +1,251 @@
+"""int8 matrix products by our own AVX512-VNNI kernel (int8_matmul.cc), called from XLA.
+
+XLA:CPU multiplies int8 no faster than bf16 (slower on AMD EPYC: benchmarks/RESULTS.md), while
+the CPU's `vpdpbusd` sums four u8 x s8 products a lane in one instruction, twice bf16's rate.
+The kernel takes float32 activations, quantises each row to u8 (offset 128: what `vpdpbusd`
+multiplies), multiplies by weights quantised per output column and packed in the instruction's
+layout (`pack`, plain XLA ops on the float32 weights, so XLA hoists them out of a search's loop),
+and rescales. Its numbers equal `reference` bit for bit: the same scales, roundings and int32
+sums, so translations do not depend on which of the two ran.
+
+It is compiled on first use with the system's C++ compiler for this CPU (-march=native, ~3 s)
+into ~/.cache/transformer_mt/kernels/ and registered with XLA. Without a compiler, on a CPU
+without AVX512-VNNI, on another backend or with TRANSFORMER_MT_INT8_KERNEL=0, int8 products run
+in XLA (`reference`), with the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "transformer_mt_int8_matmul"
+SOURCE = Path(__file__).with_name("int8_matmul.cc")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what the kernel's instructions need
+COLUMNS = 64  # output columns of a packed block (int8_matmul.cc: kCols)
+INV_127 = 1.0 / 127.0
+
+
+def scale(max_abs):
+    """The step of a symmetric int8 grid reaching max_abs (1 where it is 0: all zeros stay 0),
+    as max_abs * (1/127): the form XLA computes (it rewrites a division by a constant), which
+    the kernel computes too."""
+    return jnp.where(max_abs > 0, max_abs * jnp.float32(INV_127), jnp.float32(1.0))
+
+
+def reference(x, w):
+    """x [..., K] @ w [K, N] -> float32 [..., N] in XLA: w quantised per column and x per row
+    (each one's largest magnitude maps to 127, rounded half to even), int32 sums, rescaled."""
+    w_scale = scale(jnp.max(jnp.abs(w), axis=0))  # [N]
+    x_scale = scale(jnp.max(jnp.abs(x), axis=-1, keepdims=True))  # [..., 1]
+    w8 = jnp.round(w * (1.0 / w_scale)).astype(jnp.int8)
+    x8 = jnp.round(x * (1.0 / x_scale)).astype(jnp.int8)
+    sums = jax.lax.dot_general(x8, w8, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return sums.astype(jnp.float32) * (x_scale * w_scale)
+
+
+def pack(w):
+    """w [K, N] float32 -> (int8 [N'/64 * K/4 * 4 * 16 * 4] in the kernel's layout, column
+    scales [N'], 128 * column sums [N'] (what the u8 offset adds)), N' = N rounded up to 64.
+
+    The layout change comes first, on the float32 weights, and the quantisation after it: XLA
+    hoists elementwise work out of a while loop and drags the transpose along, where a transpose
+    alone is left inside the loop (and becomes a copy of the weights at every step)."""
+    k, n = w.shape
+    padded = -(-n // COLUMNS) * COLUMNS
+    w_scale = jnp.pad(scale(jnp.max(jnp.abs(w), axis=0)), (0, padded - n), constant_values=1.0)
+    blocks = jnp.pad(w, ((0, 0), (0, padded - n))).reshape(k // 4, 4, padded // COLUMNS, 4, 16)
+    blocks = blocks.transpose(2, 0, 3, 4, 1)  # [column block, k / 4, zmm, column, k % 4]
+    q = jnp.round(blocks * (1.0 / w_scale).reshape(padded // COLUMNS, 1, 4, 16, 1)).astype(jnp.int8)
+    offsets = 128 * jnp.sum(q.astype(jnp.int32), axis=(1, 4)).reshape(-1)
+    return q.reshape(-1), w_scale, offsets
+
+
+def packed_matmul(x, packed, n: int):
+    """reference(x, w) by the kernel, from packed = pack(w) (w [K, N = n])."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), *packed)
+
+
+def int8_matmul(x, w, transposed: bool = False):
+    """reference(x, w) (w.T where transposed): by the kernel while `active()` and K is a multiple
+    of 4, from the weights `prepared` for the search being traced where they are there (else
+    packed here), otherwise in XLA."""
+    weight = w.T if transposed else w
+    if not (active() and weight.shape[0] % 4 == 0):
+        return reference(x, weight)
+    packed = _PREPARED.get().get((id(w), transposed))
+    if packed is None:
+        global packed_in_place
+        packed_in_place += 1
+        packed = pack(weight)
+    return packed_matmul(x, packed, weight.shape[1])
+
+
+# ---------------------------------------------------------------------------- weights packed once
+
+
+def packable(model) -> list:
+    """(weight, transposed) of the model's products that the kernel can run (K a multiple of 4)."""
+    return [(w, t) for w, t in model.decoding_weights() if (w.shape[1] if t else w.shape[0]) % 4 == 0]
+
+
+@functools.lru_cache(maxsize=16)
+def preparer(graphdef, sharding=None):
+    """jit(params -> [pack(weight) for each of `packable(model)`]): a search's int8 weights,
+    packed once per params object rather than in every call of the search (at Transformer-base
+    size the packing cost as much as the products of a 100-sentence batch)."""
+    from flax import nnx
+
+    def prepare(params):
+        return [pack(w.T if t else w) for w, t in packable(nnx.merge(graphdef, params))]
+
+    return jax.jit(prepare, out_shardings=sharding)
+
+
+def nothing_prepared(params) -> list:
+    """What a program that does not run the kernel reads besides its params: nothing."""
+    return []
+
+
+def preparer_for(graphdef, precision: str, mesh=None) -> tuple:
+    """(kernel, prepare) for a decoding program at `precision`: whether its int8 products go to
+    the kernel (read while it is traced, part of its key), and params -> what it reads besides
+    them (`preparer`, or `nothing_prepared`)."""
+    from transformer_mt import sharding
+
+    kernel = precision == "int8" and active()
+    if not kernel:
+        return False, nothing_prepared
+    return True, preparer(graphdef, None if mesh is None else sharding.replicated(mesh))
+
+
+_PREPARED: contextvars.ContextVar = contextvars.ContextVar("int8_prepared_weights", default={})
+
+
+@contextlib.contextmanager
+def using(model, prepared):
+    """While tracing inside this block, int8 products of the model's weights read `prepared`
+    (preparer's output for the same params), found by the identity of the weights' tracers."""
+    table = {(id(w), t): packed for (w, t), packed in zip(packable(model), prepared)} if prepared else {}
+    token = _PREPARED.set(table)
+    try:
+        yield
+    finally:
+        _PREPARED.reset(token)
+
+
+packed_in_place = 0  # products traced with weights packed where they are used (not prepared): tests
+
+
+@contextlib.contextmanager
+def decoding_model(graphdef, params, prepared, kernel: bool):
+    """nnx.merge(graphdef, params), traced with its int8 products in the kernel from `prepared`
+    (kernel) or in XLA: the body of every decoding program (search, the server's row pool)."""
+    from flax import nnx
+
+    with contextlib.ExitStack() as stack:
+        if not kernel:
+            stack.enter_context(disabled())
+        model = nnx.merge(graphdef, params)
+        stack.enter_context(using(model, prepared))
+        yield model
+
+
+_ENABLED: contextvars.ContextVar = contextvars.ContextVar("int8_kernel_enabled", default=True)
+
+
+@contextlib.contextmanager
+def disabled():
+    """While tracing inside this block int8 products run in XLA (tests and benchmarks compare)."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def active() -> bool:
+    """True when int8 products traced now go to the kernel."""
+    return _ENABLED.get() and available()
+
+
+@functools.cache
+def available() -> bool:
+    """The kernel is built (or found built) and registered with XLA, on a CPU that runs it."""
+    if os.environ.get("TRANSFORMER_MT_INT8_KERNEL", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    if not _cpu_has_flags(CPU_FLAGS):
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.TransformerMtInt8Matmul), platform="cpu")
+    except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a jaxlib without FFI: XLA runs them)
+        print(f"warning: the int8 kernel is not available ({_first_line(e)}); int8 products run in XLA",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _cpu_has_flags(flags) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    present = set(line.partition(":")[2].split())
+    return all(flag in present for flag in flags)
+
+
+def build() -> Path:
+    """The kernel's shared library, compiled once per source, jaxlib and CPU; OSError or
+    SubprocessError when it cannot be."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        raise OSError("no C++ compiler (g++, c++ or clang++) found")
+    import jaxlib
+
+    from transformer_mt.program_store import host_fingerprint
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + f"{jaxlib.__version__} {host_fingerprint()} {compiler}".encode()).hexdigest()[:16]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = Path(base) / "transformer_mt" / "kernels"
+    library = directory / f"int8_matmul-{key}.so"
+    if library.is_file():
+        return library
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir())
+        library = directory / library.name
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                   f"-I{jax.ffi.include_dir()}", "-o", tmp, str(SOURCE)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {_first_line(done.stderr)}")
+        os.replace(tmp, library)  # whole or not at all: another process may be building it too
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return library
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
