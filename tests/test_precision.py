@@ -89,20 +89,24 @@ def test_precision_option_reaches_the_search(loaded_run):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_follows_the_model_width(monkeypatch, native):
-    """auto on a CPU with native bf16 dots: bf16 below INT8_FROM_WIDTH (int8 is slower there),
-    int8 from it up (Transformer base); float32 on a CPU without them, whatever the width."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_auto_precision_follows_the_model_width(monkeypatch, native, kernel):
+    """auto where our int8 kernel runs: int8 at every width. Without it, on a CPU with native bf16
+    dots: bf16 below INT8_FROM_WIDTH (XLA's int8 is slower there), int8 from it up (Transformer
+    base); float32 on a CPU without them, whatever the width."""
     monkeypatch.setattr(matmul, "cpu_has_bf16_dots", lambda: native)
+    monkeypatch.setattr(int8_kernel, "available", lambda: kernel)
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     widths = {128: "bf16", matmul.INT8_FROM_WIDTH - 1: "bf16", matmul.INT8_FROM_WIDTH: "int8", 1024: "int8"}
-    assert {w: matmul.resolve_precision("auto", w) for w in widths} == (
-        widths if native else dict.fromkeys(widths, "float32"))
+    want = dict.fromkeys(widths, "int8") if kernel else widths if native else dict.fromkeys(widths, "float32")
+    assert {w: matmul.resolve_precision("auto", w) for w in widths} == want
     assert matmul.resolve_precision("float32", 1024) == "float32"
 
 
 def test_auto_precision_and_config_key():
     native = jax.default_backend() == "cpu" and matmul.cpu_has_bf16_dots()
-    assert matmul.resolve_precision("auto", 128) == ("bf16" if native else "float32")
+    assert matmul.resolve_precision("auto", 128) == (
+        "int8" if int8_kernel.available() else "bf16" if native else "float32")
     assert matmul.resolve_precision("bf16", 1024) == "bf16"
     assert matmul.resolve_precision("int8", 128) == "int8"
     with pytest.raises(ConfigError, match="decode.precision"):

@@ -91,20 +91,21 @@ def decoding_inputs(precision: str):
     return matmul_inputs(PRECISIONS[precision])
 
 
-INT8_FROM_WIDTH = 512  # auto decodes models at least this wide (d_model) with int8 products
+INT8_FROM_WIDTH = 512  # without our int8 kernel, auto decodes models at least this wide with XLA's int8 products
 
 
 def resolve_precision(name: str, d_model: int) -> str:
-    """A decoding precision; 'auto' on a CPU with native bf16 dots (AVX512-BF16/AMX, which come
-    with int8 dot instructions): int8 for models of d_model >= INT8_FROM_WIDTH, bf16 below;
-    float32 elsewhere (a GPU or TPU model computes in bf16 already). Measured on an AMX CPU
-    (benchmarks/RESULTS.md): at Transformer-base size int8 decodes 1.36-1.39x as fast as bf16
-    (its wide products, FFN and vocabulary, run 2-3x faster), at d 128 0.87-0.93x (the per-row
-    quantisation of activations costs more than narrow products save); on an AVX512-BF16 CPU
-    without AMX (AMD EPYC) 1.04-1.15x at base and 0.78x at d 128; bf16 kept test BLEU within
-    0.1 of float32, int8 within 0.2."""
+    """A decoding precision. 'auto': int8 where our int8 kernel runs (int8_kernel.py: a CPU with
+    AVX512-VNNI and a C++ compiler), at every width: on the AMD EPYC of benchmarks/RESULTS.md it
+    decodes 1.10-1.16x as fast as bf16 at d 128 and 2.5x at Transformer-base size, within 0.2
+    BLEU of float32. Without it, on a CPU with native bf16 dots (AVX512-BF16/AMX): XLA's int8
+    for models of d_model >= INT8_FROM_WIDTH (1.36-1.39x bf16's speed at base with AMX,
+    1.04-1.15x without), bf16 below (XLA's int8 is 0.78-0.93x of bf16 at d 128); float32
+    elsewhere (a GPU or TPU model computes in bf16 already)."""
     if name != "auto":
         return name
+    if jax.default_backend() == "cpu" and int8_kernel.available():
+        return "int8"
     if not (jax.default_backend() == "cpu" and cpu_has_bf16_dots()):
         return "float32"
     return "int8" if d_model >= INT8_FROM_WIDTH else "bf16"
