@@ -72,6 +72,8 @@ def test_search_reads_weights_packed_once(tie):
     program = search.compiled_search(graphdef, 1, 0.6, 1, 9, None, "int8")
     prepared = program.prepared(params)
     assert len(prepared) == 6 + 2 + 8 + 1  # encoder 6, cross keys/values 2, decoder 8, output 1
+    other = search.compiled_search(graphdef, 2, 0.6, 1, 12, None, "int8")  # another program of the model
+    assert other.prepared(params) is prepared  # packed once for all of them, not once a program
     args = (jnp.ones((2, 8), jnp.int32), jnp.full((2,), 9, jnp.int32), jnp.zeros((2, 0), jnp.int32),
             jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), np.uint32(0))
     before = int8_kernel.packed_in_place

@@ -26,6 +26,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 
 import jax
@@ -104,15 +106,39 @@ def packable(model) -> list:
 
 @functools.lru_cache(maxsize=16)
 def preparer(graphdef, sharding=None):
-    """jit(params -> [pack(weight) for each of `packable(model)`]): a search's int8 weights,
-    packed once per params object rather than in every call of the search (at Transformer-base
-    size the packing cost as much as the products of a 100-sentence batch)."""
+    """params -> [pack(weight) for each of `packable(model)`]: a search's int8 weights, packed
+    once per params object rather than in every call of the search (at Transformer-base size the
+    packing cost as much as the products of a 100-sentence batch), and shared by every program of
+    the model (a file meets several batch shapes, a server 30)."""
     from flax import nnx
 
     def prepare(params):
         return [pack(w.T if t else w) for w, t in packable(nnx.merge(graphdef, params))]
 
-    return jax.jit(prepare, out_shardings=sharding)
+    return _Prepared(jax.jit(prepare, out_shardings=sharding))
+
+
+class _Prepared:
+    """A jitted prepare(params) that keeps its result for the last params object it was given."""
+
+    def __init__(self, prepare):
+        self.prepare = prepare
+        self._last: tuple | None = None  # (weak reference to params, prepared)
+        self._lock = threading.Lock()  # a server's warm-up and its batches may ask at once
+
+    def __call__(self, params):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+            return self.prepare(params)  # traced (make_jaxpr): nothing to keep
+        with self._lock:
+            last = self._last
+            if last is not None and last[0]() is params:
+                return last[1]
+            prepared = self.prepare(params)
+            try:
+                self._last = (weakref.ref(params), prepared)
+            except TypeError:  # a container without weak references: prepared every time
+                pass
+            return prepared
 
 
 def nothing_prepared(params) -> list:
