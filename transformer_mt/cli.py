@@ -89,8 +89,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len-b", type=int, help="output length limit a * src_len + b: b")
     p.add_argument("--batch-tokens", type=int, help="padded source tokens per decoding batch")
     p.add_argument("--precision", choices=DECODE_PRECISIONS,
-                   help="matmul inputs: float32 (exact); bf16 (float32 sums); int8 (per-channel scales). auto, on "
-                   "CPUs with AVX512-BF16/AMX: int8 for models of d_model >= 512, bf16 below; float32 elsewhere. "
+                   help="matmul inputs: float32 (exact); bf16 (float32 sums); int8 (per-channel scales). auto: "
+                   "int8 where our int8 kernel runs (AVX512-VNNI and a C++ compiler; README, Precision); else, on "
+                   "CPUs with AVX512-BF16/AMX, int8 for models of d_model >= 512 and bf16 below; float32 elsewhere. "
                    "Default: the run's decode.precision (auto). "
                    "Measured cost in BLEU and speed: benchmarks/RESULTS.md")
     p.add_argument("--sampling", metavar="topk:K|topp:P",
@@ -244,7 +245,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--precision", choices=DECODE_PRECISIONS,
                    help="matmul inputs while decoding, as translate --precision (default: the run's "
                    "decode.precision, auto). float32 answers equal translate's line for line; bf16 and int8 "
-                   "can differ on a near-tie (about 1 line in 1,000) as the batch's row count changes")
+                   "can differ on a near-tie as the batch's shape changes (bf16 about 1 line in 1,000, int8 5-8)")
     p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
 
 

@@ -151,7 +151,8 @@ class DecodeConfig:
     # Padded source tokens per decoding batch.
     batch_tokens: int = 4096
     # Decoding matmul inputs: float32 (exact), bf16 (float32 sums), int8 (per-channel scales), or
-    # auto: on CPUs with native bf16 dots (AVX512-BF16/AMX) int8 for d_model >= 512, bf16 below; else float32.
+    # auto: int8 where our int8 kernel runs (int8_kernel.py: AVX512-VNNI and a C++ compiler); else, on CPUs
+    # with native bf16 dots (AVX512-BF16/AMX), int8 for d_model >= 512 and bf16 below; float32 elsewhere.
     precision: str = "auto"
 
 
