@@ -152,10 +152,14 @@ def preparer_for(graphdef, precision: str, mesh=None) -> tuple:
     them (`preparer`, or `nothing_prepared`)."""
     from transformer_mt import sharding
 
-    kernel = precision == "int8" and active()
-    if not kernel:
+    if not runs(precision):
         return False, nothing_prepared
     return True, preparer(graphdef, None if mesh is None else sharding.replicated(mesh))
+
+
+def runs(precision: str) -> bool:
+    """True when a decoding program at `precision` traced now has its int8 products in the kernel."""
+    return precision == "int8" and active()
 
 
 _PREPARED: contextvars.ContextVar = contextvars.ContextVar("int8_prepared_weights", default={})

@@ -165,8 +165,9 @@ def _empty_state(model, rows: int, length: int, max_steps: int) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int, kernel: bool = False):
-    """Jitted advance(params, *state leaves) -> state leaves: `chunk` steps of each device's
-    first `width` rows (the others, free, are left as they are)."""
+    """Jitted advance(params, prepared, *state leaves) -> state leaves: `chunk` steps of each
+    device's first `width` rows (the others, free, are left as they are); prepared: the int8
+    kernel's packed weights (kernel) or nothing."""
 
     def advance(params, prepared, *leaves):
         with matmul.decoding_inputs(precision), int8_kernel.decoding_model(graphdef, params, prepared, kernel) as model:
@@ -187,8 +188,8 @@ def _advance_program(graphdef, mesh, precision: str, chunk: int, width: int, ker
 
 @functools.lru_cache(maxsize=16)
 def _admit_program(graphdef, mesh, precision: str, kernel: bool = False):
-    """Jitted admit(params, src, max_lens, slots, *state leaves) -> state leaves: each device's
-    new sources encoded and written into its rows `slots` (a slot past its rows: dropped)."""
+    """Jitted admit(params, prepared, src, max_lens, slots, *state leaves) -> state leaves: each
+    device's new sources encoded and written into its rows `slots` (a slot past its rows: dropped)."""
 
     def admit(params, prepared, src, max_lens, slots, *leaves):
         with matmul.decoding_inputs(precision), int8_kernel.decoding_model(graphdef, params, prepared, kernel) as model:

@@ -134,7 +134,7 @@ def compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_step
     Looked up by the graphdef's identity first: hashing a graphdef walks the whole model
     structure (3 ms on the default model), which a file of 10,000 lines paid once a batch."""
     scores = scores or beam_size > 1 or sampler is not None  # only greedy search can do without
-    kernel = precision == "int8" and int8_kernel.active()  # int8 products by our kernel, or in XLA
+    kernel = int8_kernel.runs(precision)  # int8 products by our kernel, or in XLA
     key = (id(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, mesh, scores, kernel)
     hit = _BY_IDENTITY.get(key)
     if hit is not None and hit[0] is graphdef:
@@ -205,7 +205,7 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
         search = jax.shard_map(search, mesh=mesh, in_specs=(whole, whole, rows, rows, rows, rows, rows, whole),
                                out_specs=(rows, rows), check_vma=False)
     prepare = (int8_kernel.preparer(graphdef, None if mesh is None else sharding.replicated(mesh)) if kernel
-               else int8_kernel.nothing_prepared)
+               else int8_kernel.nothing_prepared)  # what the search reads besides the params
     return SearchProgram(jax.jit(search), (program_store.structure(graphdef), beam_size, alpha, nbest, max_steps, sampler, precision, want_scores, kernel,
                                            None if mesh is None else (mesh.devices.tolist(), mesh.axis_names)),
                          None if mesh is None else list(mesh.devices.flat), prepare)
