@@ -56,6 +56,20 @@ FAST = [
 ]
 
 
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (loops, branches, shard_map), depth first."""
+    import jax
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from all_eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from all_eqns(sub)
+
+
 def tiny_config(*overrides: str):
     return config_lib.load(TINY, FAST + list(overrides))
 

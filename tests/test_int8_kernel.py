@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import all_eqns
 from transformer_mt import int8_kernel, search
 from transformer_mt.config import ModelConfig
 from transformer_mt.model import Transformer
@@ -46,20 +47,6 @@ def test_kernel_takes_leading_dimensions():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.jit(int8_kernel.reference)(x, w)))
 
 
-def _primitives(jaxpr, found=None):
-    """Names of every primitive in a jaxpr and its sub-jaxprs (loops, branches, shard_map)."""
-    found = [] if found is None else found
-    for eqn in jaxpr.eqns:
-        found.append(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else [value]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    _primitives(sub.jaxpr, found)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    _primitives(sub, found)
-    return found
-
-
 @needs_kernel
 @pytest.mark.parametrize("tie", [True, False])
 def test_search_reads_weights_packed_once(tie):
@@ -77,7 +64,7 @@ def test_search_reads_weights_packed_once(tie):
     args = (jnp.ones((2, 8), jnp.int32), jnp.full((2,), 9, jnp.int32), jnp.zeros((2, 0), jnp.int32),
             jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), np.uint32(0))
     before = int8_kernel.packed_in_place
-    names = _primitives(jax.make_jaxpr(program.jitted)(params, prepared, *args).jaxpr)
+    names = [e.primitive.name for e in all_eqns(jax.make_jaxpr(program.jitted)(params, prepared, *args).jaxpr)]
     assert int8_kernel.packed_in_place == before
     assert names.count("ffi_call") == 17 and "round" not in names
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import all_eqns, tiny_config
 from transformer_mt import cli, int8_kernel, matmul
 from transformer_mt import search
 from transformer_mt.config import ConfigError, ModelConfig
@@ -30,19 +30,10 @@ def test_int8_matmul_scales_per_channel_and_row():
     assert np.abs(out - exact).max() > 1e-4  # not float32 products
 
 
-def _dots(jaxpr, found=None):
+def _dots(jaxpr):
     """(lhs dtype, rhs dtype) of every dot_general in a jaxpr and its sub-jaxprs (loops, branches)."""
-    found = [] if found is None else found
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append((str(eqn.invars[0].aval.dtype), str(eqn.invars[1].aval.dtype)))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else [value]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    _dots(sub.jaxpr, found)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    _dots(sub, found)
-    return found
+    return [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype)) for e in all_eqns(jaxpr)
+            if e.primitive.name == "dot_general"]
 
 
 @pytest.mark.parametrize("beam", [1, 2])
