@@ -70,6 +70,25 @@ def test_search_reads_weights_packed_once(tie):
 
 
 @needs_kernel
+def test_prepared_weights_program_is_read_back_from_the_store(loaded_run, tmp_path, monkeypatch):
+    """The weights' packing program is stored like the searches: a new process (a new preparer)
+    reads it back instead of tracing it, and it packs the same bytes."""
+    from transformer_mt import program_store, sharding
+
+    monkeypatch.setattr(program_store, "store_dir", lambda kind="programs": tmp_path / kind)
+    compiled = []
+    real = program_store.compile_fresh
+    monkeypatch.setattr(program_store, "compile_fresh", lambda lowered: compiled.append(1) or real(lowered))
+    _, graphdef, params, _, mesh = loaded_run
+    first = int8_kernel.preparer.__wrapped__(graphdef, sharding.replicated(mesh))(params)
+    assert compiled == [1]
+    again = int8_kernel.preparer.__wrapped__(graphdef, sharding.replicated(mesh))(params)
+    assert compiled == [1], "the second preparer compiled its program again"
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again), strict=True):
+        assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_kernel
 @pytest.mark.parametrize("beam", [1, 2])
 def test_kernel_search_agrees_with_xla_int8(loaded_run, beam):
     """The trained test run's translations through the kernel and through XLA's int8 product: XLA

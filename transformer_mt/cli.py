@@ -15,6 +15,9 @@ import sys
 
 EXIT_USER_ERROR = 2
 DECODING_COMMANDS = ("translate", "evaluate", "serve")  # these run host_memory.keep_freed_memory
+# Commands that leave nothing running when they return: the console command exits at once after
+# them instead of tearing down jax, XLA and orbax module by module (0.3-0.5 s of each run).
+QUICK_EXIT_COMMANDS = ("translate", "evaluate", "score")
 DECODE_CPU_DEVICES = 2  # default of --cpu-devices (sharding.split_cpu)
 DECODE_PRECISIONS = ("auto", "float32", "bf16", "int8")  # --precision (config: decode.precision)
 EXIT_INTERRUPTED = 130
@@ -323,8 +326,33 @@ def run_command(args) -> int:
     return getattr(importlib.import_module(module), function)(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, quick_exit: bool = False) -> int:
+    """Runs one command; its exit code. quick_exit (the console command): after a command of
+    QUICK_EXIT_COMMANDS, flush stdout and stderr and end the process here (os._exit)."""
     args = build_parser().parse_args(argv)
+    code = _main(args)
+    if quick_exit and args.command in QUICK_EXIT_COMMANDS:
+        exit_now(code)
+    return code
+
+
+def console() -> None:
+    """The `transformer-mt` command."""
+    sys.exit(main(quick_exit=True))
+
+
+def exit_now(code: int) -> None:
+    """Ends the process with `code` once stdout and stderr are flushed, skipping the interpreter's
+    teardown: every file a command writes is closed (and renamed into place) before it returns."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a stream already closed
+            pass
+    os._exit(code)
+
+
+def _main(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from transformer_mt.checkpoint import CheckpointWriteError, quiet_orbax_background_errors
     from transformer_mt.config import ConfigError
@@ -366,4 +394,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

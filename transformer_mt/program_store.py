@@ -180,6 +180,15 @@ def save(directory: Path, key: str, compiled) -> None:
         return
 
 
+def load_or_compile(directory: Path, key: str, devices, lower):
+    """The program of `key` from the store, else lower() compiled afresh and stored."""
+    program = load(directory, key, devices)
+    if program is None:
+        program = compile_fresh(lower())
+        save(directory, key, program)
+    return program
+
+
 def compile_fresh(lowered):
     """lowered.compile(), never served from (nor written to) JAX's persistent compile cache."""
     with _FRESH_LOCK:

@@ -243,11 +243,9 @@ class SearchProgram:
                      self._params_signature(params))
         program = self.programs.get(signature)
         if program is None:
-            key = program_store.program_key(self.settings_key, signature)
-            program = program_store.load(self.store, key, self.devices)
-            if program is None:
-                program = program_store.compile_fresh(self.jitted.lower(params, *self._extra(params), *batch))
-                program_store.save(self.store, key, program)
+            program = program_store.load_or_compile(
+                self.store, program_store.program_key(self.settings_key, signature), self.devices,
+                lambda: self.jitted.lower(params, *self._extra(params), *batch))
             self.programs[signature] = program
         return program
 
