@@ -39,6 +39,28 @@ def test_kernel_equals_xla_int8_bit_for_bit(rows, k, n, transposed):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows, k, n", [(1, 4, 1), (7, 128, 100), (64, 128, 8000), (13, 132, 64), (3, 512, 8001)])
+@pytest.mark.parametrize("banned", [(), (0, 1), "every third"])
+def test_fused_argmax_picks_what_first_argmax_picks_from_the_product(rows, k, n, banned):
+    """Greedy search's fused output projection: the first column of each row's largest allowed
+    value of the kernel's product, ties included (repeated weight columns), banned columns in any
+    block, columns not a multiple of 64, a row of zeros (all values tie: the first allowed)."""
+    from transformer_mt.decode import first_argmax
+
+    banned = tuple(range(0, n, 3)) if banned == "every third" else banned
+    rng = np.random.default_rng(rows + k + n)
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    x[0] = 0.0
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    w[:, n // 2:] = w[:, : n - n // 2]  # each value of the first half again in the second
+    packed = int8_kernel.pack(jnp.asarray(w))
+    fused = jax.jit(lambda x: int8_kernel.packed_argmax(x, packed, n, banned))(x)
+    product = jax.jit(lambda x: int8_kernel.packed_matmul(x, packed, n))(x)
+    np.testing.assert_array_equal(np.asarray(fused), np.asarray(first_argmax(product, banned)))
+    assert fused.dtype == jnp.int32 and fused.shape == (rows,)
+
+
+@needs_kernel
 def test_kernel_takes_leading_dimensions():
     x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)
     w = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
@@ -67,6 +89,11 @@ def test_search_reads_weights_packed_once(tie):
     names = [e.primitive.name for e in all_eqns(jax.make_jaxpr(program.jitted)(params, prepared, *args).jaxpr)]
     assert int8_kernel.packed_in_place == before
     assert names.count("ffi_call") == 17 and "round" not in names
+    # Greedy without scores: the output projection picks each row's token itself.
+    argmax = search.compiled_search(graphdef, 1, 0.6, 1, 9, None, "int8", scores=False)
+    targets = [e.params.get("target_name") for e in all_eqns(jax.make_jaxpr(argmax.jitted)(params, prepared, *args).jaxpr)
+               if e.primitive.name == "ffi_call"]
+    assert targets.count(int8_kernel.ARGMAX_TARGET) == 1 and targets.count(int8_kernel.TARGET) == 16
 
 
 @needs_kernel

@@ -215,7 +215,7 @@ def _top_extensions(logits, rows, score, chunk_best, banned, k: int, chunk: int 
 
 def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, bos_id: int, eos_id: int,
                   pad_id: int = 0, max_lens=None, prefix=None, prefix_lens=None, sampler=None, keys=None,
-                  banned_ids=(), with_scores: bool = True):
+                  banned_ids=(), with_scores: bool = True, argmax_step=None):
     """Returns (tokens int32 [batch, max_steps], scores float32 [batch]).
 
     tokens hold the generated ids (no BOS), the EOS where one was produced and pad after it;
@@ -226,8 +226,11 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
     draws do not depend on the other rows in its batch. banned_ids (e.g. padding and BOS) are
     never chosen; scores stay the model's log-probabilities. with_scores=False (argmax search
     only) skips the log-probabilities and returns zero scores: the same tokens, without the pass
-    of exp over the vocabulary each step (~10% of a default-size greedy step on a CPU).
+    of exp over the vocabulary each step (~10% of a default-size greedy step on a CPU). Then
+    argmax_step(ids, cache) -> (the first argmax of the allowed logits [B], cache), where given,
+    takes tokens_to_logits' place (the model picks them without writing the logits).
     """
+    fused = argmax_step is not None and not with_scores and sampler is None
     max_lens = jnp.full((batch_size,), max_steps + 1, jnp.int32) if max_lens is None else max_lens
 
     def cond(carry):
@@ -236,11 +239,14 @@ def greedy_search(tokens_to_logits, cache, *, batch_size: int, max_steps: int, b
 
     def body(carry):
         step, last, tokens, done, scores, cache = carry
-        logits, cache = tokens_to_logits(last, cache)  # [B, V]
-        logits = logits.astype(jnp.float32)
         scored = with_scores or sampler is not None  # a sampler draws from the shifted logits
-        nxt, norm = _choose(logits, banned_ids, scored, sampler,
-                            None if sampler is None else jax.vmap(jax.random.fold_in, (0, None))(keys, step))
+        if fused:
+            nxt, cache = argmax_step(last, cache)
+        else:
+            logits, cache = tokens_to_logits(last, cache)  # [B, V]
+            logits = logits.astype(jnp.float32)
+            nxt, norm = _choose(logits, banned_ids, scored, sampler,
+                                None if sampler is None else jax.vmap(jax.random.fold_in, (0, None))(keys, step))
         nxt = jnp.where(step + 1 >= max_lens, eos_id, nxt).astype(jnp.int32)  # [B]
         forced, token = _prefix_token(prefix, prefix_lens, step)
         if forced is not None:

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGET = "transformer_mt_int8_matmul"
+ARGMAX_TARGET = "transformer_mt_int8_matmul_argmax"
 SOURCE = Path(__file__).with_name("int8_matmul.cc")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what the kernel's instructions need
 COLUMNS = 64  # output columns of a packed block (int8_matmul.cc: kCols)
@@ -81,6 +83,15 @@ def packed_matmul(x, packed, n: int):
     return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), *packed)
 
 
+def packed_argmax(x, packed, n: int, banned_ids=()):
+    """decode.first_argmax(reference(x, w), banned_ids) by the kernel, from packed = pack(w) (w
+    [K, N = n]): int32 [...], each row's first column of its largest allowed value, picked while
+    the product is computed (the product itself is never written)."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1], jnp.int32)
+    banned = jnp.asarray(list(banned_ids) or [-1], jnp.int32)
+    return jax.ffi.ffi_call(ARGMAX_TARGET, out)(x.astype(jnp.float32), *packed, banned, n=np.int64(n))
+
+
 def int8_matmul(x, w, transposed: bool = False):
     """reference(x, w) (w.T where transposed): by the kernel while `active()` and K is a multiple
     of 4, from the weights `prepared` for the search being traced where they are there (else
@@ -88,12 +99,27 @@ def int8_matmul(x, w, transposed: bool = False):
     weight = w.T if transposed else w
     if not (active() and weight.shape[0] % 4 == 0):
         return reference(x, weight)
+    return packed_matmul(x, _packed(w, transposed), weight.shape[1])
+
+
+def int8_matmul_argmax(x, w, transposed: bool = False, banned_ids=()):
+    """first_argmax(int8_matmul(x, w, transposed), banned_ids) by the kernel in one pass (greedy
+    search's output projection: the [rows, vocabulary] logits are neither written nor read back),
+    or None where int8_matmul would not run in the kernel."""
+    weight = w.T if transposed else w
+    if not (active() and weight.shape[0] % 4 == 0):
+        return None
+    return packed_argmax(x, _packed(w, transposed), weight.shape[1], banned_ids)
+
+
+def _packed(w, transposed: bool):
+    """pack(w, or w.T) as `prepared` for the search being traced, else packed here."""
     packed = _PREPARED.get().get((id(w), transposed))
     if packed is None:
         global packed_in_place
         packed_in_place += 1
-        packed = pack(weight)
-    return packed_matmul(x, packed, weight.shape[1])
+        packed = pack(w.T if transposed else w)
+    return packed
 
 
 # ---------------------------------------------------------------------------- weights packed once
@@ -242,6 +268,8 @@ def available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.TransformerMtInt8Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(library.TransformerMtInt8MatmulArgmax),
+                                    platform="cpu")
     except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a jaxlib without FFI: XLA runs them)
         print(f"warning: the int8 kernel is not available ({_first_line(e)}); int8 products run in XLA",
               file=sys.stderr)

@@ -3,6 +3,8 @@
 // roundings, exact int32 sums. x is quantised to u8 with an offset of 128 (vpdpbusd multiplies
 // u8 by s8); the offset's share, 128 * the column's sum of weights, is taken off the sums.
 // A micro-kernel computes 6 rows x 64 columns in 24 zmm accumulators, k four at a time.
+// A second handler keeps only each row's first largest column (greedy search's output
+// projection: first_argmax of the product without writing it).
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
@@ -40,9 +42,35 @@ void QuantizeRows(const float* x, int64_t M, int64_t K, uint8_t* q, float* scale
   }
 }
 
-template <int MR>
+// The output of a micro-kernel call: a row's 16 columns at a time, y for the lanes in `valid`.
+struct StoreEpilogue {  // y written to c [rows, ldc]
+  float* c;
+  int64_t ldc;
+  inline void operator()(int r, int j, __m512 y, __mmask16 valid) const {
+    _mm512_mask_storeu_ps(c + r * ldc + j * 16, valid, y);
+  }
+};
+
+struct ArgmaxEpilogue {  // each row's running best (value, column) per lane; y never written
+  float* best;           // [rows, 16]
+  int32_t* index;        // [rows, 16]
+  int32_t first_column;  // of this block
+  uint64_t banned;       // this block's banned columns, bit c for column first_column + c
+  inline void operator()(int r, int j, __m512 y, __mmask16 valid) const {
+    const __mmask16 allowed = valid & static_cast<__mmask16>(~(banned >> (j * 16)));
+    const __m512 current = _mm512_loadu_ps(best + r * 16);
+    // Strictly greater: a lane keeps the first column of its maximum (columns come in order).
+    const __mmask16 better = _mm512_mask_cmp_ps_mask(allowed, y, current, _CMP_GT_OQ);
+    const __m512i columns = _mm512_add_epi32(_mm512_set1_epi32(first_column + j * 16),
+                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm512_storeu_ps(best + r * 16, _mm512_mask_mov_ps(current, better, y));
+    _mm512_storeu_si512(index + r * 16, _mm512_mask_mov_epi32(_mm512_loadu_si512(index + r * 16), better, columns));
+  }
+};
+
+template <int MR, typename Epilogue>
 inline void MicroKernel(int64_t K4, const uint8_t* a, int64_t lda, const int8_t* b, const float* rs, const float* cs,
-                        const int32_t* comp, float* c, int64_t ldc, int64_t ncols, int mr) {
+                        const int32_t* comp, int64_t ncols, int mr, const Epilogue& out) {
   __m512i acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
@@ -68,36 +96,83 @@ inline void MicroKernel(int64_t K4, const uint8_t* a, int64_t lda, const int8_t*
       const __m512i sums = _mm512_sub_epi32(acc[r][j], _mm512_loadu_si512(comp + j * 16));
       const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(rsv, _mm512_loadu_ps(cs + j * 16)));
       const int64_t left = ncols - j * 16;
-      const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-      _mm512_mask_storeu_ps(c + r * ldc + j * 16, mask, y);
+      out(r, j, y, left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1));
+    }
+  }
+}
+
+// x [M, K] quantised, then for each block of 64 columns and each tile of 6 rows, make(block,
+// first row) gives the micro-kernel's epilogue.
+template <typename MakeEpilogue>
+void Multiply(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* b, const float* col_scale,
+              const int32_t* comp, const MakeEpilogue& make) {
+  thread_local std::vector<uint8_t> q;
+  thread_local std::vector<float> rs;
+  q.resize(M * K + 64);
+  rs.resize(M + 16);
+  QuantizeRows(x, M, K, q.data(), rs.data());
+  const int64_t blocks = (N + kCols - 1) / kCols;
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    const int8_t* bb = b + nb * K * kCols;
+    const int64_t ncols = N - nb * kCols < kCols ? N - nb * kCols : kCols;
+    for (int64_t m = 0; m < M; m += kMR) {
+      const int mr = static_cast<int>(M - m < kMR ? M - m : kMR);
+      MicroKernel<kMR>(K / 4, q.data() + m * K, K, bb, rs.data() + m, col_scale + nb * kCols, comp + nb * kCols,
+                       ncols, mr, make(nb, m));
     }
   }
 }
 
 ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> col_scale,
                           ffi::Buffer<ffi::S32> comp, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const int64_t K = xd.back();
+  const int64_t K = x.dimensions().back();
   const int64_t M = K ? static_cast<int64_t>(x.element_count()) / K : 0;
   const int64_t N = y->dimensions().back();
-  const int64_t blocks = (N + kCols - 1) / kCols;
-  if (K % 4 || static_cast<int64_t>(packed.element_count()) != blocks * kCols * K)
+  if (K % 4 || static_cast<int64_t>(packed.element_count()) != (N + kCols - 1) / kCols * kCols * K)
     return ffi::Error::InvalidArgument("int8_matmul: packed weights do not match x's width");
-  thread_local std::vector<uint8_t> q;
-  thread_local std::vector<float> rs;
-  q.resize(M * K + 64);
-  rs.resize(M + 16);
-  QuantizeRows(x.typed_data(), M, K, q.data(), rs.data());
-  const int8_t* b = packed.typed_data();
   float* out = y->typed_data();
-  for (int64_t nb = 0; nb < blocks; ++nb) {
-    const int8_t* bb = b + nb * K * kCols;
-    const int64_t ncols = N - nb * kCols < kCols ? N - nb * kCols : kCols;
-    for (int64_t m = 0; m < M; m += kMR) {
-      const int mr = static_cast<int>(M - m < kMR ? M - m : kMR);
-      MicroKernel<kMR>(K / 4, q.data() + m * K, K, bb, rs.data() + m, col_scale.typed_data() + nb * kCols,
-                       comp.typed_data() + nb * kCols, out + m * N + nb * kCols, N, ncols, mr);
+  Multiply(x.typed_data(), M, K, N, packed.typed_data(), col_scale.typed_data(), comp.typed_data(),
+           [&](int64_t nb, int64_t m) { return StoreEpilogue{out + m * N + nb * kCols, N}; });
+  return ffi::Error::Success();
+}
+
+// ids [M] int32: for each row of the product above (N = n columns), the first column of its
+// largest value, the columns in `banned` excluded (what decode.first_argmax gives on the
+// product's output), without writing the product.
+ffi::Error Int8MatmulArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> col_scale,
+                                ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::S32> banned, ffi::ResultBuffer<ffi::S32> ids,
+                                int64_t n) {
+  const int64_t K = x.dimensions().back();
+  const int64_t M = K ? static_cast<int64_t>(x.element_count()) / K : 0;
+  const int64_t N = n;
+  const int64_t blocks = (N + kCols - 1) / kCols;
+  if (K % 4 || N < 1 || static_cast<int64_t>(packed.element_count()) != blocks * kCols * K ||
+      static_cast<int64_t>(ids->element_count()) != M)
+    return ffi::Error::InvalidArgument("int8_matmul_argmax: packed weights do not match x's width");
+  std::vector<uint64_t> banned_bits(blocks, 0);
+  for (size_t i = 0; i < banned.element_count(); ++i) {
+    const int32_t column = banned.typed_data()[i];
+    if (column >= 0 && column < N) banned_bits[column / kCols] |= uint64_t{1} << (column % kCols);
+  }
+  thread_local std::vector<float> best;
+  thread_local std::vector<int32_t> index;
+  best.assign(M * 16, -__builtin_inff());
+  index.assign(M * 16, static_cast<int32_t>(N - 1));  // a row without a maximum (NaNs) gets the last
+  Multiply(x.typed_data(), M, K, N, packed.typed_data(), col_scale.typed_data(), comp.typed_data(),
+           [&](int64_t nb, int64_t m) {
+             return ArgmaxEpilogue{best.data() + m * 16, index.data() + m * 16, static_cast<int32_t>(nb * kCols),
+                                   banned_bits[nb]};
+           });
+  int32_t* out = ids->typed_data();
+  for (int64_t m = 0; m < M; ++m) {  // the lanes' best: the largest value, at its first column
+    float top = best[m * 16];
+    int32_t column = index[m * 16];
+    for (int lane = 1; lane < 16; ++lane) {
+      const float v = best[m * 16 + lane];
+      const int32_t c = index[m * 16 + lane];
+      if (v > top || (v == top && c < column)) top = v, column = c;
     }
+    out[m] = column;
   }
   return ffi::Error::Success();
 }
@@ -110,3 +185,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtInt8MatmulArgmax, Int8MatmulArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("n"));

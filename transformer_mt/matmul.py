@@ -147,3 +147,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         return product.astype(preferred_element_type or jnp.float32)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
+
+
+def int8_argmax(lhs, rhs, transposed: bool, banned_ids=()):
+    """decode.first_argmax(dot_general(lhs, rhs) [..., N], banned_ids) in one pass by the int8
+    kernel (int8_kernel.int8_matmul_argmax) where dot_general would run that product there; else
+    None. rhs [K, N], or [N, K] when transposed."""
+    if _INPUT_DTYPE.get() != jnp.int8 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+        return None
+    return int8_kernel.int8_matmul_argmax(lhs, rhs, transposed, banned_ids)

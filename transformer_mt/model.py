@@ -1,7 +1,8 @@
 """Encoder-decoder Transformer (Vaswani et al., 2017) in Flax NNX.
 
 Entry points: `encode` (once per batch), `decode` (teacher forcing, training), and
-`cross_state` + `init_cache` + `decode_step` (+ `reorder_cache` for beams): incremental decoding,
+`cross_state` + `init_cache` + `decode_step` (+ `reorder_cache` for beams; `decode_argmax_step`
+for greedy search without scores): incremental decoding,
 where the encoder's cross-attention keys/values are projected once per sentence and
 self-attention keys/values are cached; `init_row_cache` + `decode_rows`: the same step for rows
 at positions of their own (continuous batching, rowpool.py).
@@ -420,6 +421,25 @@ class IncrementalDecoding:
 
     def decode_step(self, ids, cache, cross):
         """One step: ids [B * N] at position cache['index'] -> (float32 logits [B * N, V], cache)."""
+        x, cache = self._step(ids, cache, cross)
+        return self._logits(x).reshape(ids.shape[0], -1), cache
+
+    def decode_argmax_step(self, ids, cache, cross, banned_ids=()):
+        """One step -> (int32 [B * N], cache): each row's first best token outside banned_ids, as
+        decode.first_argmax of decode_step's logits. Where the int8 kernel runs the output
+        projection, it picks them while computing it (greedy search without scores: the logits
+        are never written)."""
+        x, cache = self._step(ids, cache, cross)
+        weight, transposed = self.output_weight()
+        chosen = matmul.int8_argmax(self._features(x), weight, transposed, banned_ids)
+        if chosen is None:
+            from transformer_mt.decode import first_argmax
+
+            return first_argmax(self._logits(x).reshape(ids.shape[0], -1), banned_ids), cache
+        return chosen.reshape(-1), cache
+
+    def _step(self, ids, cache, cross):
+        """One step of the decoder stack: (output [B, N, D], cache moved one position on)."""
         index, slots = cache["index"], cache["slots"]
         batch, beams, max_len = slots.shape
         positions = jnp.full((batch, beams), index)
@@ -430,8 +450,7 @@ class IncrementalDecoding:
             x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_k, cross_v,
                                         cross["mask"], positions)
             new_layers.append(layer_cache)
-        logits = self._logits(x).reshape(batch * beams, -1)
-        return logits, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
+        return x, {"layers": tuple(new_layers), "slots": slots, "index": index + 1}
 
     def init_row_cache(self, batch_size: int, max_len: int):
         """Empty self-attention cache for batch_size rows that each move at their own position
@@ -513,6 +532,11 @@ class Transformer(IncrementalDecoding, nnx.Module):
         else:
             logits = self.tgt_embed.attend(h)
         return logits.astype(jnp.float32)
+
+    def output_weight(self) -> tuple:
+        """(weight, transposed) of the output projection: the tied table [V, D] used transposed, or
+        the output layer's kernel [D, V]."""
+        return (self.tgt_embed.embedding[...], True) if self.output is None else (self.output.kernel[...], False)
 
     def decoding_weights(self) -> list:
         """(weight, transposed) of every product that int8 decoding runs with quantised weights:

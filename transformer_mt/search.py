@@ -194,7 +194,9 @@ def _compiled_search(graphdef, beam_size: int, alpha: float, nbest: int, max_ste
             scores, order = jax.lax.top_k(scores, nbest)  # best draw first
             return jnp.take_along_axis(tokens, order[:, :, None], axis=1), scores
         if beam_size == 1:
-            tokens, logp = decode_lib.greedy_search(step, cache, batch_size=batch, with_scores=want_scores, **kw)
+            argmax_step = functools.partial(model.decode_argmax_step, cross=cross, banned_ids=kw["banned_ids"])
+            tokens, logp = decode_lib.greedy_search(step, cache, batch_size=batch, with_scores=want_scores,
+                                                    argmax_step=argmax_step, **kw)
             return tokens[:, None, :], logp[:, None]
         tokens, scores, _ = decode_lib.beam_search(step, cache, batch_size=batch, beam_size=beam_size, alpha=alpha,
                                                    nbest=nbest, reorder_cache=model.reorder_cache, **kw)
