@@ -61,6 +61,25 @@ def test_fused_argmax_picks_what_first_argmax_picks_from_the_product(rows, k, n,
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(64, 128), (3, 5, 512), (7, 20)])
+def test_layer_norm_is_flax_layer_norm_and_row_by_row(shape):
+    """The kernel library's layer norm against flax's (the same formula; sums in another order, so
+    within a few float32 steps), and each row's output the same whatever rows share its call."""
+    rng = np.random.default_rng(shape[-1])
+    norm = nnx.LayerNorm(shape[-1], epsilon=1e-5, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+    norm.bias[...] = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+    x = (rng.normal(size=shape) * 3 + 1).astype(np.float32)
+    x.reshape(-1, shape[-1])[0] = 2.5  # a constant row: variance 0, the output is the bias
+    ours = jax.jit(lambda x: int8_kernel.layer_norm(x, norm.scale[...], norm.bias[...], norm.epsilon))
+    got = np.asarray(ours(x))
+    np.testing.assert_allclose(got, np.asarray(jax.jit(norm)(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.reshape(-1, shape[-1])[0], np.asarray(norm.bias[...]))
+    rows = x.reshape(-1, shape[-1])
+    np.testing.assert_array_equal(np.asarray(ours(rows[1:3])), got.reshape(-1, shape[-1])[1:3])
+
+
+@needs_kernel
 def test_kernel_takes_leading_dimensions():
     x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)
     w = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
@@ -86,9 +105,12 @@ def test_search_reads_weights_packed_once(tie):
     args = (jnp.ones((2, 8), jnp.int32), jnp.full((2,), 9, jnp.int32), jnp.zeros((2, 0), jnp.int32),
             jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), np.uint32(0))
     before = int8_kernel.packed_in_place
-    names = [e.primitive.name for e in all_eqns(jax.make_jaxpr(program.jitted)(params, prepared, *args).jaxpr)]
+    eqns = list(all_eqns(jax.make_jaxpr(program.jitted)(params, prepared, *args).jaxpr))
     assert int8_kernel.packed_in_place == before
-    assert names.count("ffi_call") == 17 and "round" not in names
+    assert "round" not in [e.primitive.name for e in eqns]
+    targets = [e.params.get("target_name") for e in eqns if e.primitive.name == "ffi_call"]
+    # 17 products; 7 layer norms: the encoder's two sub-layers and final norm, the decoder's three and final.
+    assert (targets.count(int8_kernel.TARGET), targets.count(int8_kernel.LAYER_NORM_TARGET)) == (17, 7)
     # Greedy without scores: the output projection picks each row's token itself.
     argmax = search.compiled_search(graphdef, 1, 0.6, 1, 9, None, "int8", scores=False)
     targets = [e.params.get("target_name") for e in all_eqns(jax.make_jaxpr(argmax.jitted)(params, prepared, *args).jaxpr)

@@ -36,6 +36,7 @@ import numpy as np
 
 TARGET = "transformer_mt_int8_matmul"
 ARGMAX_TARGET = "transformer_mt_int8_matmul_argmax"
+LAYER_NORM_TARGET = "transformer_mt_layer_norm"
 SOURCE = Path(__file__).with_name("int8_matmul.cc")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what the kernel's instructions need
 COLUMNS = 64  # output columns of a packed block (int8_matmul.cc: kCols)
@@ -110,6 +111,16 @@ def int8_matmul_argmax(x, w, transposed: bool = False, banned_ids=()):
     if not (active() and weight.shape[0] % 4 == 0):
         return None
     return packed_argmax(x, _packed(w, transposed), weight.shape[1], banned_ids)
+
+
+def layer_norm(x, scale, bias, epsilon: float):
+    """flax's LayerNorm of x [..., D] (scale, bias [D]) in one call of the kernel library: in a
+    decoding program whose int8 products run in the kernel, where XLA:CPU spends two reductions
+    of ~50 us each on a [rows, 128] layer norm. The same formula in float32; the sums run in
+    another order, so the last bits may differ from XLA's, but a row's result never depends on
+    the other rows of its batch."""
+    return jax.ffi.ffi_call(LAYER_NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon))
 
 
 def _packed(w, transposed: bool):
@@ -269,6 +280,8 @@ def available() -> bool:
         library = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.TransformerMtInt8Matmul), platform="cpu")
         jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(library.TransformerMtInt8MatmulArgmax),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(LAYER_NORM_TARGET, jax.ffi.pycapsule(library.TransformerMtLayerNorm),
                                     platform="cpu")
     except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a jaxlib without FFI: XLA runs them)
         print(f"warning: the int8 kernel is not available ({_first_line(e)}); int8 products run in XLA",

@@ -156,3 +156,12 @@ def int8_argmax(lhs, rhs, transposed: bool, banned_ids=()):
     if _INPUT_DTYPE.get() != jnp.int8 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return None
     return int8_kernel.int8_matmul_argmax(lhs, rhs, transposed, banned_ids)
+
+
+def layer_norm(norm, x):
+    """norm(x) for an nnx.LayerNorm; inside decoding_inputs(int8) where the int8 kernel runs, by
+    its library's layer norm (int8_kernel.layer_norm: one call for XLA's two reductions)."""
+    if (_INPUT_DTYPE.get() == jnp.int8 and x.dtype == jnp.float32 and norm.scale is not None
+            and norm.bias is not None and int8_kernel.active()):
+        return int8_kernel.layer_norm(x, norm.scale[...], norm.bias[...], norm.epsilon)
+    return norm(x)

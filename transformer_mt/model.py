@@ -282,8 +282,8 @@ class Residual(nnx.Module):
 
     def __call__(self, x, f, rngs):
         if self.pre_norm:
-            return x + dropout(f(self.norm(x)), self.rate, rngs)
-        return self.norm(x + dropout(f(x), self.rate, rngs))
+            return x + dropout(f(matmul.layer_norm(self.norm, x)), self.rate, rngs)
+        return matmul.layer_norm(self.norm, x + dropout(f(x), self.rate, rngs))
 
 
 class EncoderLayer(nnx.Module):
@@ -520,7 +520,7 @@ class Transformer(IncrementalDecoding, nnx.Module):
 
     def _features(self, h):
         """Decoder output [B, T, D] -> what the output projection reads (the final norm applied)."""
-        return h if self.decoder_norm is None else self.decoder_norm(h)
+        return h if self.decoder_norm is None else matmul.layer_norm(self.decoder_norm, h)
 
     def _logits(self, h):
         """[B, T, D] -> float32 [B, T, V]."""
@@ -570,7 +570,7 @@ class Transformer(IncrementalDecoding, nnx.Module):
             x, w = layer(x, attn_mask, positions, rngs, return_weights=True)
             weights.append(w)
         if self.encoder_norm is not None:
-            x = self.encoder_norm(x)
+            x = matmul.layer_norm(self.encoder_norm, x)
         return (x, src_mask, tuple(weights)) if return_weights else (x, src_mask)
 
     def decode(self, tgt_in, encoded, src_mask, rngs: nnx.Rngs | None = None, return_weights: bool = False):
