@@ -5,13 +5,17 @@ the CPU's `vpdpbusd` sums four u8 x s8 products a lane in one instruction, twice
 The kernel takes float32 activations, quantises each row to u8 (offset 128: what `vpdpbusd`
 multiplies), multiplies by weights quantised per output column and packed in the instruction's
 layout (`pack`, plain XLA ops on the float32 weights, so XLA hoists them out of a search's loop),
-and rescales. Its numbers equal `reference` bit for bit: the same scales, roundings and int32
-sums, so translations do not depend on which of the two ran.
+and rescales. On the same inputs its products equal `reference` bit for bit: the same scales,
+roundings and int32 sums.
+
+The same library picks greedy search's tokens inside the output projection
+(`int8_matmul_argmax`) and runs those programs' layer norms (`layer_norm`), which XLA:CPU spends
+two small reductions on.
 
 It is compiled on first use with the system's C++ compiler for this CPU (-march=native, ~3 s)
 into ~/.cache/transformer_mt/kernels/ and registered with XLA. Without a compiler, on a CPU
 without AVX512-VNNI, on another backend or with TRANSFORMER_MT_INT8_KERNEL=0, int8 products run
-in XLA (`reference`), with the same numbers.
+in XLA (`reference`), with the same quantisation, and layer norms and argmaxes in XLA too.
 """
 
 from __future__ import annotations

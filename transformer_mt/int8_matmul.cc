@@ -4,7 +4,8 @@
 // u8 by s8); the offset's share, 128 * the column's sum of weights, is taken off the sums.
 // A micro-kernel computes 6 rows x 64 columns in 24 zmm accumulators, k four at a time.
 // A second handler keeps only each row's first largest column (greedy search's output
-// projection: first_argmax of the product without writing it).
+// projection: first_argmax of the product without writing it); a third is a layer norm, for the
+// products' inputs in the same decoding programs.
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
