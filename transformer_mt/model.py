@@ -376,7 +376,8 @@ class DecoderLayer(nnx.Module):
 class IncrementalDecoding:
     """Transformer's decoding half: `cross_state` + `init_cache` + `decode_step` (+
     `reorder_cache` for beams), step by step with a cache, as search.py runs them. Reads the
-    Transformer's cfg, dtype, decoder_layers, tgt_embed, _embed and _logits; holds no state.
+    Transformer's cfg, dtype, decoder_layers, tgt_embed, _embed, _features, _project, _logits and
+    output_weight; holds no state.
 
     Rows are sentences x beams, [B * N] in the search's order (N = 1 for greedy). Keys and values
     are kept heads-major, [B, H, L, K], the layout the attention dots read without a transpose.
@@ -430,12 +431,12 @@ class IncrementalDecoding:
         projection, it picks them while computing it (greedy search without scores: the logits
         are never written)."""
         x, cache = self._step(ids, cache, cross)
-        weight, transposed = self.output_weight()
-        chosen = matmul.int8_argmax(self._features(x), weight, transposed, banned_ids)
+        h = self._features(x)
+        chosen = matmul.int8_argmax(h, *self.output_weight(), banned_ids)
         if chosen is None:
             from transformer_mt.decode import first_argmax
 
-            return first_argmax(self._logits(x).reshape(ids.shape[0], -1), banned_ids), cache
+            return first_argmax(self._project(h).reshape(ids.shape[0], -1), banned_ids), cache
         return chosen.reshape(-1), cache
 
     def _step(self, ids, cache, cross):
@@ -524,7 +525,10 @@ class Transformer(IncrementalDecoding, nnx.Module):
 
     def _logits(self, h):
         """[B, T, D] -> float32 [B, T, V]."""
-        h = self._features(h)
+        return self._project(self._features(h))
+
+    def _project(self, h):
+        """The output projection of features [B, T, D] -> float32 [B, T, V]."""
         if self.output is not None:
             logits = self.output(h)
         elif matmul.reduced_inputs():  # decoding in bf16/int8: the tied projection too, its largest matmul
