@@ -126,6 +126,16 @@ def trained_run(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture
+def copied_run(trained_run, tmp_path):
+    """A copy of the trained run that a test may change (its checkpoints get new modification times)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    return run
+
+
 @pytest.fixture(scope="session")
 def loaded_run(trained_run):
     """(cfg, graphdef, params, tokenizer, mesh) of the trained run, restored once per session."""

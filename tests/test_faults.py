@@ -178,13 +178,6 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted, tmp_
     assert Checkpoints(run / "checkpoints").steps() == [25, 30]
 
 
-@pytest.fixture
-def copied_run(trained_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
 def test_tokenizer_that_does_not_match_the_model(copied_run, tmp_path):
     cfg = tiny_config("tokenizer.vocab_size=200")
     sentences = gzip.decompress((ROOT / "data" / "multi30k" / "val.en.gz").read_bytes()).decode().splitlines()

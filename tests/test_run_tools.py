@@ -28,13 +28,6 @@ def one_error_line(result, *fragments):
     return err
 
 
-@pytest.fixture
-def copied_run(trained_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
 def test_average_of_identical_checkpoints_is_bit_exact_and_translates(copied_run, trained_run, tmp_path):
     ckpts = copied_run / "checkpoints"
     for step in (401, 402):  # three identical checkpoints: a mean of x, x, x must give x back
