@@ -1,5 +1,7 @@
 """Model properties: padding is invisible, decoding is causal, cached steps equal the full pass."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 from flax import nnx
 
 from transformer_mt.config import ModelConfig
-from transformer_mt.model import Transformer, dropout, keep_mask
+from transformer_mt import layer_norm, matmul
+from transformer_mt.model import Residual, Transformer, dropout, keep_mask
 
 V = 40
 SRC = np.array([[5, 6, 7, 8, 3, 0, 0, 0], [9, 10, 11, 12, 13, 14, 15, 3]], np.int32)
@@ -192,3 +195,31 @@ def test_packed_rows_equal_padded_rows(model):
     mixed = {k: packed[k] for k in ("src", "tgt_in", "tgt_out")}
     _, m_mixed = grad(params, mixed)
     assert abs(float(m_mixed["loss_sum"]) - float(m_pad["loss_sum"])) > 1e-2
+
+
+def _flax_norm(scale, bias):
+    norm = nnx.LayerNorm(scale.shape[0], epsilon=1e-5, rngs=nnx.Rngs(0))
+    norm.scale[...], norm.bias[...] = scale, bias
+    return norm
+
+
+def test_layer_norm_forward_is_flax_and_backward_its_gradient():
+    """layer_norm.layer_norm gives nnx.LayerNorm's outputs bit for bit, and the gradient of
+    autodiff through nnx.LayerNorm (to float32 rounding) from its one kept activation; the model's
+    residual blocks use it."""
+    k = jax.random.split(jax.random.key(3), 4)
+    x = 3.0 * jax.random.normal(k[0], (4, 7, 48)) + 1.5
+    x = x.at[0, 0].set(2.0)  # a constant row: variance 0, the epsilon alone
+    scale, bias = 1 + 0.2 * jax.random.normal(k[1], (48,)), 0.1 * jax.random.normal(k[2], (48,))
+    dy = jax.random.normal(k[3], x.shape)
+    ours = jax.jit(lambda x, s, b: layer_norm.layer_norm(x, s, b, 1e-5))
+    theirs = jax.jit(lambda x, s, b: _flax_norm(s, b)(x))
+    np.testing.assert_array_equal(ours(x, scale, bias), theirs(x, scale, bias))
+    loss = lambda f: jax.jit(jax.grad(lambda x, s, b: jnp.sum(f(x, s, b) * dy), argnums=(0, 1, 2)))  # noqa: E731
+    for a, b in zip(loss(ours)(x, scale, bias), loss(theirs)(x, scale, bias)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
+    cfg = ModelConfig(d_model=48, num_heads=4, dtype="float32", matmul_dtype="float32")
+    block = Residual(cfg, jnp.float32, nnx.Rngs(0))
+    with mock.patch.object(matmul, "layer_norm_f32", wraps=matmul.layer_norm_f32) as used:
+        matmul.layer_norm(block.norm, x)
+    assert used.called

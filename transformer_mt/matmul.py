@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_mt import int8_kernel
+from transformer_mt.layer_norm import layer_norm as layer_norm_f32
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 dot instructions
 
@@ -160,8 +161,12 @@ def int8_argmax(lhs, rhs, transposed: bool, banned_ids=()):
 
 def layer_norm(norm, x):
     """norm(x) for an nnx.LayerNorm; inside decoding_inputs(int8) where the int8 kernel runs, by
-    its library's layer norm (int8_kernel.layer_norm: one call for XLA's two reductions)."""
+    its library's layer norm (int8_kernel.layer_norm: one call for XLA's two reductions); in
+    float32 otherwise by layer_norm.layer_norm (the same values, a backward pass that keeps less)."""
     if (_INPUT_DTYPE.get() == jnp.int8 and x.dtype == jnp.float32 and norm.scale is not None
             and norm.bias is not None and int8_kernel.active()):
         return int8_kernel.layer_norm(x, norm.scale[...], norm.bias[...], norm.epsilon)
+    if (x.dtype == jnp.float32 and norm.scale is not None and norm.bias is not None
+            and norm.dtype in (None, jnp.float32) and norm.scale.dtype == jnp.float32):
+        return layer_norm_f32(x, norm.scale[...], norm.bias[...], norm.epsilon)
     return norm(x)
