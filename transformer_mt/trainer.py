@@ -29,6 +29,7 @@ from transformer_mt import train_data
 from transformer_mt import train_step as ts
 from transformer_mt.checkpoint import Checkpoints
 from transformer_mt.config import Config, ConfigError
+from transformer_mt.host_memory import StepTrimmer
 from transformer_mt.model import count_params
 from transformer_mt.prefetch import Prefetcher
 from transformer_mt.rundir import CONFIG_FILE, METRICS_FILE, build_model
@@ -165,6 +166,7 @@ class Run:
     log: MetricsLog | None = None
     bar: ProgressBar | None = None
     translator: Any = None
+    trimmer: StepTrimmer | None = None
 
     @property
     def is_main(self) -> bool:
@@ -182,7 +184,7 @@ class Run:
                 "config": config_lib.to_dict(self.cfg), "step": self.step, "unlogged_metrics": unlogged}
 
     def close(self) -> None:
-        for part in (self.batches, self.checkpoints, self.best, self.log, self.bar):
+        for part in (self.batches, self.checkpoints, self.best, self.log, self.bar, self.trimmer):
             if part is not None:
                 part.close()
 
@@ -231,6 +233,7 @@ def set_up(cfg: Config, workdir: Path, resume: bool, init_from: str | None, prog
     run.steps = compiled_steps(graphdef, ts.OptimizerSettings.of(tcfg), tcfg.label_smoothing, mesh, treedef,
                                tuple(leaves))
     run.batches = Prefetcher(stream, PREFETCH_DEPTH, prepare=functools.partial(sharding.put_batch, mesh))
+    run.trimmer = StepTrimmer()
     run.log = MetricsLog(workdir, run.is_main, purge_step=run.start_step + 1 if resume else None)
     if tcfg.bleu_every:
         from transformer_mt.search import Translator
@@ -290,6 +293,7 @@ def loop(run: Run, stop: StopSignal) -> tuple[dict, str | None]:
         if step == hold_at:
             return last, f"signal {stop.wait()}"
         run.state, metrics = one_step(run)
+        run.trimmer.after(metrics)
         step += 1
         run.pending.append(metrics)
         run.bar.step(step)
