@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
+import queue
 import sys
+import threading
+import time
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # mallopt parameters, from glibc's malloc.h
 TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept before it is given back
@@ -44,16 +48,22 @@ def keep_freed_memory() -> bool:
     return all(r == 1 for r in results)  # each one set, even if another was refused
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None (not Linux, or a libc without it); looked up once, as
+    find_library runs ldconfig in a subprocess."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
 
 def return_freed_memory() -> bool:
     """glibc's malloc_trim(0): hands the free pages inside every malloc arena back to the OS."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))
 
 
 class StepTrimmer:
@@ -62,7 +72,7 @@ class StepTrimmer:
     A training step's activations and gradients are freed into glibc's arenas, which keep most of
     those pages (they are fragmented by the many small blocks around them), and the next step's
     buffers are allocated partly beside them: at Transformer-base size on a 2-core CPU the process
-    held ~1.7 GB between steps instead of ~1.3 GB, and its peak grew by the difference
+    held ~1.75 GB between steps where ~1.5 GB was left after a trim, and its peak grew with it
     (benchmarks/RESULTS.md, tenth sitting). malloc_trim(0) after a step finishes hands those pages
     back (12-40 ms at base size). The thread waits for each step's result itself, so the training
     loop never blocks on it, and trims at most once every `min_interval` seconds, so that small
@@ -70,9 +80,6 @@ class StepTrimmer:
     """
 
     def __init__(self, min_interval: float = 2.0):
-        import queue
-        import threading
-
         self._min_interval = min_interval
         self._pending = queue.Queue(maxsize=1)
         self._last = float("-inf")
@@ -84,13 +91,11 @@ class StepTrimmer:
         """Trims once step_result (jax arrays) is computed; skipped when a trim is still pending."""
         try:
             self._pending.put_nowait(step_result)
-        except Exception:  # queue.Full: the previous step's trim has not run yet
+        except queue.Full:  # the previous step's trim has not run yet
             pass
 
     def _work(self) -> None:
-        import time
-
-        import jax
+        import jax  # imported by then: the trainer's first step has run
 
         while True:
             result = self._pending.get()
@@ -111,6 +116,6 @@ class StepTrimmer:
             try:
                 self._pending.put(None, timeout=1.0)
                 break
-            except Exception:  # full: the worker is busy with a step
+            except queue.Full:  # the worker is still waiting for a step
                 continue
         self._thread.join()

@@ -26,11 +26,11 @@ def _stats(x, epsilon):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x, scale, bias, epsilon):
     """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis; x, scale, bias float32."""
-    centred, inv_std = _stats(x, epsilon)
-    return centred * (inv_std * scale) + bias
+    return _forward(x, scale, bias, epsilon)[0]
 
 
 def _forward(x, scale, bias, epsilon):
+    """The output as flax computes it, and what the backward pass keeps."""
     centred, inv_std = _stats(x, epsilon)
     return centred * (inv_std * scale) + bias, (centred * inv_std, inv_std, scale)
 
