@@ -82,3 +82,29 @@ def test_step_trimmer_trims_after_the_step_finishes_and_at_most_once_an_interval
         trimmer.maybe_trim(now)
     trimmer.close()
     assert trimmer.trims == 3  # at 100, 110 and 121: the others fell within 10 s of the last
+
+
+class _FailedStep(_Step):
+    def block_until_ready(self):
+        self.moved.set()
+        raise RuntimeError("the step failed")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_step_trimmer_outlives_a_failed_step():
+    """A step that fails is the training loop's to report: the trimmer goes on, and closes."""
+    import threading
+
+    from transformer_mt.host_memory import StepTrimmer, return_freed_memory
+
+    if not return_freed_memory():
+        pytest.skip("no malloc_trim here (not glibc)")
+    trimmer = StepTrimmer(min_interval=0.0)
+    moved = threading.Event()
+    trimmer.after(_FailedStep(moved))
+    moved.wait()
+    done = _Step(threading.Event())
+    done.done.set()
+    trimmer.after(done)
+    trimmer.close()
+    assert trimmer.trims == 1

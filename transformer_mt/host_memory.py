@@ -101,8 +101,12 @@ class StepTrimmer:
             result = self._pending.get()
             if result is None:
                 return
-            jax.block_until_ready(result)
-            del result
+            try:
+                jax.block_until_ready(result)
+            except Exception:  # a failed step: the training loop meets its error itself
+                continue
+            finally:
+                del result
             self.maybe_trim(time.monotonic())
 
     def maybe_trim(self, now: float) -> None:
@@ -112,7 +116,7 @@ class StepTrimmer:
             self.trims += return_freed_memory()
 
     def close(self) -> None:
-        while True:
+        while self._thread.is_alive():
             try:
                 self._pending.put(None, timeout=1.0)
                 break
