@@ -38,31 +38,29 @@ def keep_freed_memory() -> bool:
     TRANSFORMER_MT_KEEP_FREED_MEMORY=0 (for measuring the difference)."""
     if not sys.platform.startswith("linux") or os.environ.get("TRANSFORMER_MT_KEEP_FREED_MEMORY") == "0":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = _glibc_function("mallopt")  # musl and others have none
+    if mallopt is None:
         return False
     results = [mallopt(param, value) for param, value in
                ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))]
     return all(r == 1 for r in results)  # each one set, even if another was refused
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's malloc_trim, or None (not Linux, or a libc without it); looked up once, as
-    find_library runs ldconfig in a subprocess."""
+@functools.lru_cache(maxsize=None)
+def _glibc_function(name: str):
+    """A function of the process's C library on Linux, or None (another OS, or a libc without it);
+    looked up once, as find_library runs ldconfig in a subprocess."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
 
 def return_freed_memory() -> bool:
     """glibc's malloc_trim(0): hands the free pages inside every malloc arena back to the OS."""
-    trim = _malloc_trim()
+    trim = _glibc_function("malloc_trim")
     return trim is not None and bool(trim(0))
 
 
