@@ -8,6 +8,8 @@ max_len_a=0, max_len_b=--fixed: the length the peers in ../shared/peers force (a
 1-step run never ends early, so every sentence gets exactly that many tokens). Setting `free`:
 the run's own length limit (a trained run stops at its end token). Token ids are prepared
 beforehand, as the peers take pieces; the `end to end` figure adds tokenization and detokenization.
+Searches run as `transformer-mt translate` runs them: greedy without log-probabilities (the
+CLI prints scores only with --nbest), unless --scores.
 
 For each beam size the first pass compiles (its time and the number of programs compiled are
 reported separately); sentences/s and output tokens/s are the median of --passes further passes.
@@ -94,6 +96,9 @@ def main() -> None:
                    "in XLA, not in our kernel), passes alternated")
     p.add_argument("--compile-cache", action="store_true",
                    help="use the persistent compilation cache (default off: compile time is measured)")
+    p.add_argument("--scores", action="store_true",
+                   help="greedy search also computes each translation's log-probability (`translate` does only "
+                   "with --nbest; without, the kernel picks each token without storing the logits)")
     p.add_argument("--source", help="source file (default: the run's data.test_files[0])")
     p.add_argument("--json-out", help="also write the figures here")
     p.add_argument("--cpu-devices", type=int, default=2,
@@ -129,7 +134,7 @@ def main() -> None:
             names = args.precisions.split(",")
             variants = [variant(precision) for precision in names]
             many = [settings_from(cfg, beam_size=beam, batch_tokens=args.batch_tokens, precision=precision,
-                                  **overrides) for precision, _ in variants]
+                                  scores=args.scores, **overrides) for precision, _ in variants]
             search = "greedy" if beam == 1 else f"beam{beam}"
             for label, r in zip(names, measure(translator, params, ids, lines, many, args.passes, counter,
                                                [context for _, context in variants])):

@@ -45,12 +45,13 @@ void QuantizeRows(const float* x, int64_t M, int64_t K, uint8_t* q, float* scale
   }
 }
 
-// The output of a micro-kernel call: a row's 16 columns at a time, y for the lanes in `valid`.
+// The output of a micro-kernel call, a row at a time: y[j] holds the row's columns j * 16 ..
+// j * 16 + 15 of the block, valid[j] the lanes within the product's width (nj vectors).
 struct StoreEpilogue {  // y written to c [rows, ldc]
   float* c;
   int64_t ldc;
-  inline void operator()(int r, int j, __m512 y, __mmask16 valid) const {
-    _mm512_mask_storeu_ps(c + r * ldc + j * 16, valid, y);
+  inline void operator()(int r, const __m512* y, const __mmask16* valid, int nj) const {
+    for (int j = 0; j < nj; ++j) _mm512_mask_storeu_ps(c + r * ldc + j * 16, valid[j], y[j]);
   }
 };
 
@@ -59,15 +60,22 @@ struct ArgmaxEpilogue {  // each row's running best (value, column) per lane; y 
   int32_t* index;        // [rows, 16]
   int32_t first_column;  // of this block
   uint64_t banned;       // this block's banned columns, bit c for column first_column + c
-  inline void operator()(int r, int j, __m512 y, __mmask16 valid) const {
-    const __mmask16 allowed = valid & static_cast<__mmask16>(~(banned >> (j * 16)));
-    const __m512 current = _mm512_loadu_ps(best + r * 16);
-    // Strictly greater: a lane keeps the first column of its maximum (columns come in order).
-    const __mmask16 better = _mm512_mask_cmp_ps_mask(allowed, y, current, _CMP_GT_OQ);
-    const __m512i columns = _mm512_add_epi32(_mm512_set1_epi32(first_column + j * 16),
-                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    _mm512_storeu_ps(best + r * 16, _mm512_mask_mov_ps(current, better, y));
-    _mm512_storeu_si512(index + r * 16, _mm512_mask_mov_epi32(_mm512_loadu_si512(index + r * 16), better, columns));
+  // A lane's best and its column stay in registers over the row's vectors (columns in order,
+  // strictly greater: a lane keeps the first column of its maximum); one load and one store a
+  // row, not one a vector (each store's value was the next vector's load: a chain through memory).
+  inline void operator()(int r, const __m512* y, const __mmask16* valid, int nj) const {
+    __m512 top = _mm512_loadu_ps(best + r * 16);
+    __m512i column = _mm512_loadu_si512(index + r * 16);
+    const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(first_column),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (int j = 0; j < nj; ++j) {
+      const __mmask16 allowed = valid[j] & static_cast<__mmask16>(~(banned >> (j * 16)));
+      const __mmask16 better = _mm512_mask_cmp_ps_mask(allowed, y[j], top, _CMP_GT_OQ);
+      top = _mm512_mask_mov_ps(top, better, y[j]);
+      column = _mm512_mask_mov_epi32(column, better, _mm512_add_epi32(lanes, _mm512_set1_epi32(j * 16)));
+    }
+    _mm512_storeu_ps(best + r * 16, top);
+    _mm512_storeu_si512(index + r * 16, column);
   }
 };
 
@@ -94,13 +102,16 @@ inline void MicroKernel(int64_t K4, const uint8_t* a, int64_t lda, const int8_t*
   }
   for (int r = 0; r < mr; ++r) {
     const __m512 rsv = _mm512_set1_ps(rs[r]);
-    for (int j = 0; j < 4; ++j) {
-      if (ncols <= j * 16) break;
+    __m512 y[4];
+    __mmask16 valid[4];
+    int nj = 0;
+    for (int j = 0; j < 4 && ncols > j * 16; ++j, ++nj) {
       const __m512i sums = _mm512_sub_epi32(acc[r][j], _mm512_loadu_si512(comp + j * 16));
-      const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(rsv, _mm512_loadu_ps(cs + j * 16)));
+      y[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(rsv, _mm512_loadu_ps(cs + j * 16)));
       const int64_t left = ncols - j * 16;
-      out(r, j, y, left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1));
+      valid[j] = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
     }
+    out(r, y, valid, nj);
   }
 }
 
