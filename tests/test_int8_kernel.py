@@ -11,7 +11,7 @@ from flax import nnx
 from conftest import all_eqns
 from transformer_mt import int8_kernel, search
 from transformer_mt.config import ModelConfig
-from transformer_mt.model import Transformer
+from transformer_mt.model import NEG_INF, Transformer
 
 needs_kernel = pytest.mark.skipif(not int8_kernel.available(),
                                   reason="no C++ compiler or no AVX512-VNNI here: int8 products run in XLA")
@@ -81,6 +81,26 @@ def test_layer_norm_is_flax_layer_norm_and_row_by_row(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(6, 1), (4, 3, 16), (5, 37), (2, 130)])
+def test_softmax_is_jax_softmax_and_row_by_row(shape):
+    """The kernel library's softmax against jax.nn.softmax (its own exponential: within a few float32
+    steps), masked logits (model.NEG_INF) weighing exactly 0, a fully masked row uniform as in XLA,
+    and each row's output the same whatever rows share its call."""
+    rng = np.random.default_rng(shape[-1])
+    x = (rng.normal(size=shape) * 6).astype(np.float32)
+    rows = x.reshape(-1, shape[-1])
+    rows[0] = NEG_INF  # a fully masked row (an all-pad batch row)
+    rows[1, ::2] = NEG_INF  # masked keys
+    got = np.asarray(jax.jit(int8_kernel.softmax)(x))
+    np.testing.assert_allclose(got, np.asarray(jax.nn.softmax(x, axis=-1)), rtol=2e-6, atol=1e-7)
+    flat = got.reshape(-1, shape[-1])
+    np.testing.assert_array_equal(flat[0], np.full(shape[-1], 1.0 / shape[-1], np.float32))
+    if shape[-1] > 1:
+        assert np.all(flat[1, ::2] == 0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(int8_kernel.softmax)(rows[1:3])), flat[1:3])
+
+
+@needs_kernel
 def test_kernel_takes_leading_dimensions():
     x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)
     w = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
@@ -110,8 +130,10 @@ def test_search_reads_weights_packed_once(tie):
     assert int8_kernel.packed_in_place == before
     assert "round" not in [e.primitive.name for e in eqns]
     targets = [e.params.get("target_name") for e in eqns if e.primitive.name == "ffi_call"]
-    # 17 products; 7 layer norms: the encoder's two sub-layers and final norm, the decoder's three and final.
-    assert (targets.count(int8_kernel.TARGET), targets.count(int8_kernel.LAYER_NORM_TARGET)) == (17, 7)
+    # 17 products; 7 layer norms: the encoder's two sub-layers and final norm, the decoder's three and final;
+    # 3 softmaxes: the encoder's self-attention, the decoder's self- and cross-attention.
+    assert (targets.count(int8_kernel.TARGET), targets.count(int8_kernel.LAYER_NORM_TARGET),
+            targets.count(int8_kernel.SOFTMAX_TARGET)) == (17, 7, 3)
     # Greedy without scores: the output projection picks each row's token itself.
     argmax = search.compiled_search(graphdef, 1, 0.6, 1, 9, None, "int8", scores=False)
     targets = [e.params.get("target_name") for e in all_eqns(jax.make_jaxpr(argmax.jitted)(params, prepared, *args).jaxpr)

@@ -41,6 +41,7 @@ import numpy as np
 TARGET = "transformer_mt_int8_matmul"
 ARGMAX_TARGET = "transformer_mt_int8_matmul_argmax"
 LAYER_NORM_TARGET = "transformer_mt_layer_norm"
+SOFTMAX_TARGET = "transformer_mt_softmax"
 SOURCE = Path(__file__).with_name("int8_matmul.cc")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what the kernel's instructions need
 COLUMNS = 64  # output columns of a packed block (int8_matmul.cc: kCols)
@@ -125,6 +126,15 @@ def layer_norm(x, scale, bias, epsilon: float):
     the other rows of its batch."""
     return jax.ffi.ffi_call(LAYER_NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
         x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon))
+
+
+def softmax(x):
+    """jax.nn.softmax(x, axis=-1) of float32 x by the kernel library, each row on its own: the
+    attention weights of a decoding program whose products run in the kernel. XLA:CPU's two
+    reductions over a row may sum it in another order for another batch shape, which moved 1
+    line in 1,000 of an int8 test_2016 with the batch's row count (benchmarks/RESULTS.md). The
+    library's exponential is within ~1 ulp of XLA's, so last bits differ from jax.nn.softmax."""
+    return jax.ffi.ffi_call(SOFTMAX_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(x.astype(jnp.float32))
 
 
 def _packed(w, transposed: bool):
@@ -287,6 +297,7 @@ def available() -> bool:
                                     platform="cpu")
         jax.ffi.register_ffi_target(LAYER_NORM_TARGET, jax.ffi.pycapsule(library.TransformerMtLayerNorm),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(SOFTMAX_TARGET, jax.ffi.pycapsule(library.TransformerMtSoftmax), platform="cpu")
     except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a jaxlib without FFI: XLA runs them)
         print(f"warning: the int8 kernel is not available ({_first_line(e)}); int8 products run in XLA",
               file=sys.stderr)

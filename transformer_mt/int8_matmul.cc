@@ -227,6 +227,57 @@ ffi::Error LayerNormImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, f
   }
   return ffi::Error::Success();
 }
+
+// e^x for x <= 0 (a softmax's shifted logits), ~1 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by
+// a degree-7 polynomial (Cephes' expf), times 2^n; 0 below ln(FLT_MIN), where a masked logit
+// (-1e9) lands, so masked keys weigh exactly 0 as in XLA. NaN stays NaN.
+inline __m512 ExpNonPositive(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654475f), _CMP_LT_OQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+// y [M, L] = the softmax of each row of x [M, L] (attention weights in a decoding program whose
+// products run in this library): e^(x - max) / sum, each row on its own, so a row's weights never
+// depend on the other rows of its batch (XLA:CPU's reductions may: benchmarks/RESULTS.md).
+ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t L = x.dimensions().back();
+  const int64_t M = L ? static_cast<int64_t>(x.element_count()) / L : 0;
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x.typed_data() + m * L;
+    float* out = y->typed_data() + m * L;
+    __m512 mx = neg_inf;
+    for (int64_t k = 0; k < L; k += 16) {
+      const __mmask16 valid = L - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - k)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, valid, row + k));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < L; k += 16) {
+      const __mmask16 valid = L - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - k)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(valid, ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + k), top)));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_mask_storeu_ps(out + k, valid, e);
+    }
+    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    for (int64_t k = 0; k < L; k += 16) {
+      const __mmask16 valid = L - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - k)) - 1);
+      _mm512_mask_storeu_ps(out + k, valid, _mm512_div_ps(_mm512_maskz_loadu_ps(valid, out + k), total));
+    }
+  }
+  return ffi::Error::Success();
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtInt8Matmul, Int8MatmulImpl,
@@ -254,3 +305,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtLayerNorm, LayerNormImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtSoftmax, SoftmaxImpl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());

@@ -159,6 +159,14 @@ def int8_argmax(lhs, rhs, transposed: bool, banned_ids=()):
     return int8_kernel.int8_matmul_argmax(lhs, rhs, transposed, banned_ids)
 
 
+def softmax_last(x):
+    """jax.nn.softmax over the last axis; inside decoding_inputs(int8) where the int8 kernel runs,
+    by its library (int8_kernel.softmax: a row's weights independent of its batch)."""
+    if _INPUT_DTYPE.get() == jnp.int8 and x.dtype == jnp.float32 and int8_kernel.active():
+        return int8_kernel.softmax(x)
+    return jax.nn.softmax(x, axis=-1)
+
+
 def layer_norm(norm, x):
     """norm(x) for an nnx.LayerNorm; inside decoding_inputs(int8) where the int8 kernel runs, by
     its library's layer norm (int8_kernel.layer_norm: one call for XLA's two reductions); in

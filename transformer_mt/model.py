@@ -71,7 +71,7 @@ def dot_product_attention(q, k, v, mask, dropout_rate: float = 0.0, rngs: nnx.Rn
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits, NEG_INF)
-    probs = weights = jax.nn.softmax(logits, axis=-1)
+    probs = weights = matmul.softmax_last(logits)
     if rngs is not None and dropout_rate > 0.0:
         keep, prob = keep_mask(rngs.dropout(), 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / prob, 0.0)
@@ -126,7 +126,7 @@ def heads_major_attention(q, k, v, mask):
     if q.shape[1] == 1 or k.shape[2] <= 16:
         logits = jnp.einsum("bqhk,bhtk->bhqt", q, k, preferred_element_type=jnp.float32)
         logits = jnp.where(jnp.swapaxes(mask, -1, -2), logits / scale, NEG_INF)
-        weights = jax.nn.softmax(logits, axis=-1)  # [B, H, Q, L]
+        weights = matmul.softmax_last(logits)  # [B, H, Q, L]
         out = jnp.einsum("bhqt,bhtk->bhqk", weights.astype(v.dtype), v)
     else:
         logits = jnp.einsum("bqhk,bhtk->bhtq", q, k, preferred_element_type=jnp.float32)
