@@ -27,6 +27,7 @@ from transformer_mt import search as tr  # noqa: E402
 from transformer_mt import textio  # noqa: E402
 from transformer_mt.serve.app import Server, create_app  # noqa: E402
 from transformer_mt.serve.batcher import Batcher  # noqa: E402
+from transformer_mt import data as data_lib  # noqa: E402
 from transformer_mt.serve.engine import Engine  # noqa: E402
 from transformer_mt.serve.fields import Limits  # noqa: E402
 
@@ -151,6 +152,42 @@ def test_batch_shapes_are_a_fixed_set_compiled_at_warm_up(engine, monkeypatch):
     for q, answer in zip(requests, answers):
         alone = offline.translate_lines(engine.params, q, settings, progress=False)
         assert [t["hypotheses"][0]["text"] for t in answer.json()["translations"]] == [h[0][0] for h in alone]
+
+
+def test_bucketed_server_decodes_each_length_bucket_apart(engine, trained_run, monkeypatch):
+    """By default a cycle's lines share one search loop, padded to the longest; `serve --bucketed`
+    decodes a batch per length bucket, as `translate` batches a file (a line's padding then never
+    depends on its neighbours), with the same translations."""
+    lines = ["Kids .", "A woman in a red dress is walking down the street ."]
+    bucketed = Engine(str(trained_run), bucketed=True)
+    buckets = (8, engine.translator.buckets[-1])  # the test run's one decoding bucket, split in two
+    for eng in (engine, bucketed):
+        monkeypatch.setattr(eng.translator, "buckets", buckets)
+    lengths = [len(ids) for ids in engine.encode(lines)]
+    assert data_lib.bucket_for(lengths[0], buckets) < data_lib.bucket_for(lengths[1], buckets)  # two buckets
+    used = []
+    original = tr.compiled_search
+
+    def recording(*args, **kwargs):
+        fn = original(*args, **kwargs)
+
+        class Recording:
+            def __call__(self, params, src, *rest):
+                used.append(src.shape[1])
+                return fn(params, src, *rest)
+
+            def program(self, *a):
+                return fn.program(*a)
+        return Recording()
+
+    monkeypatch.setattr(tr, "compiled_search", recording)
+    answers = {}
+    for name, eng in (("cycle", engine), ("bucketed", bucketed)):
+        del used[:]
+        answers[name] = eng.translate(lines, eng.settings(beam_size=1))
+        answers[name + " lengths"] = sorted(used)
+    assert len(answers["cycle lengths"]) == 1 and len(answers["bucketed lengths"]) == 2
+    assert [h[0].text for h in answers["cycle"]] == [h[0].text for h in answers["bucketed"]]
 
 
 def reference_translator(engine) -> tr.Translator:

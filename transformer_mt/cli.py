@@ -248,7 +248,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--precision", choices=DECODE_PRECISIONS,
                    help="matmul inputs while decoding, as translate --precision (default: the run's "
                    "decode.precision, auto). float32 answers equal translate's line for line; bf16 and int8 "
-                   "can differ on a near-tie as the batch's shape changes (bf16 about 1 line in 1,000, int8 5-8)")
+                   "can differ on a near-tie as a line's padding changes with its batch (see --bucketed)")
+    p.add_argument("--bucketed", action="store_true",
+                   help="decode each batch within one source-length bucket, as translate batches a file, rather "
+                   "than padding a batching cycle's lines to its longest: int8 answers then equal translate's "
+                   "line for line (test_2016 greedy: 0 of 1,000 differ, 2-4 without), at one search loop per "
+                   "bucket a cycle (benchmarks/RESULTS.md)")
     p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
 
 

@@ -80,7 +80,8 @@ def rows_for(n: int, multiple: int) -> int:
 class Engine:
     """A trained run, ready to translate lines with any search settings the run allows."""
 
-    def __init__(self, run_dir: str, step: int | None = None, last: bool = False, precision: str | None = None):
+    def __init__(self, run_dir: str, step: int | None = None, last: bool = False, precision: str | None = None,
+                 bucketed: bool = False):
         self.programs = ProgramCounter()
         self.precision = precision  # decoding precision for every request (None: the run's)
         cfg, graphdef, params, tok, step, mesh = load_run(run_dir, step, last)
@@ -92,7 +93,9 @@ class Engine:
         multiple = sharding.data_size(mesh)
         self.row_multiple = multiple
         self.translator.rows_for = lambda n: rows_for(n, multiple)
-        self.translator.one_bucket = False  # a cycle's few lines of many lengths: one search loop
+        # A cycle's few lines of many lengths in one search loop, padded to the longest (a line's
+        # padding then depends on its neighbours), unless bucketed: one loop a length bucket, as a file.
+        self.translator.one_bucket = bucketed
         self.max_rows = MAX_ROWS
         self.warm_total = self.warm_done = 0  # shapes the warm-up compiles; those done
         self.warm_error: BaseException | None = None
