@@ -250,10 +250,10 @@ def _add_serve(sub) -> None:
                    "decode.precision, auto). float32 answers equal translate's line for line; bf16 and int8 "
                    "can differ on a near-tie as a line's padding changes with its batch (see --bucketed)")
     p.add_argument("--bucketed", action="store_true",
-                   help="decode each batch within one source-length bucket, as translate batches a file, rather "
-                   "than padding a batching cycle's lines to its longest: int8 answers then equal translate's "
-                   "line for line (test_2016 greedy: 0 of 1,000 differ, 2-4 without), at one search loop per "
-                   "bucket a cycle (benchmarks/RESULTS.md)")
+                   help="decode every batching cycle within source-length buckets, as translate batches a file "
+                   "(by default only cycles of 16 lines or more; smaller ones go in one search loop, padded to "
+                   "their longest line): int8 answers then equal translate's line for line, at one search loop "
+                   "per bucket in light load too (benchmarks/RESULTS.md)")
     p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
 
 

@@ -66,6 +66,7 @@ MAX_ROWS = 64  # lines one batching cycle decodes at most (Batcher.max_lines): t
 POOL_ROWS = 64  # rows of the greedy row pool (GreedyStream); a step runs only as many as are busy
 POOL_LENGTH = 32  # source tokens a line may have to be decoded in the row pool (longer: by cycles)
 POOL_CHUNK = 8  # greedy steps between two refills of the pool's rows
+BUCKETED_FROM = 12  # lines of a cycle from which it is decoded a length bucket at a time (RESULTS.md)
 
 
 def rows_for(n: int, multiple: int) -> int:
@@ -93,9 +94,7 @@ class Engine:
         multiple = sharding.data_size(mesh)
         self.row_multiple = multiple
         self.translator.rows_for = lambda n: rows_for(n, multiple)
-        # A cycle's few lines of many lengths in one search loop, padded to the longest (a line's
-        # padding then depends on its neighbours), unless bucketed: one loop a length bucket, as a file.
-        self.translator.one_bucket = bucketed
+        self.bucketed = bucketed  # every cycle by length buckets (else only cycles of BUCKETED_FROM lines)
         self.max_rows = MAX_ROWS
         self.warm_total = self.warm_done = 0  # shapes the warm-up compiles; those done
         self.warm_error: BaseException | None = None
@@ -122,6 +121,10 @@ class Engine:
                   alignment: bool = False, first_line: int = 1) -> list[list[Hypothesis]]:
         """settings.nbest hypotheses per line, best first, as `translate` writes them for these lines
         of a file whose first line is number first_line (which seeds sampling)."""
+        # A few lines of many lengths go in one search loop, padded to the longest (a line's padding
+        # then depends on its neighbours); many lines, or all with --bucketed, in a loop a length
+        # bucket, as a file: a short line no longer pays a long one's padding and step limit.
+        self.translator.one_bucket = self.bucketed or len(lines) >= BUCKETED_FROM
         results = self.translator.translate_lines(self.params, lines, settings, name="request", first_line=first_line,
                                                   prefixes=prefixes)
         aligned = align_hypotheses(self.translator, self.params, lines, results) if alignment else None
