@@ -251,7 +251,7 @@ def _add_serve(sub) -> None:
                    "can differ on a near-tie as a line's padding changes with its batch (see --bucketed)")
     p.add_argument("--bucketed", action="store_true",
                    help="decode every batching cycle within source-length buckets, as translate batches a file "
-                   "(by default only cycles of 16 lines or more; smaller ones go in one search loop, padded to "
+                   "(by default only cycles of 12 lines or more; smaller ones go in one search loop, padded to "
                    "their longest line): int8 answers then equal translate's line for line, at one search loop "
                    "per bucket in light load too (benchmarks/RESULTS.md)")
     p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
