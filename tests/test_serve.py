@@ -23,11 +23,11 @@ pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 from conftest import ROOT  # noqa: E402
+from transformer_mt import data as data_lib  # noqa: E402
 from transformer_mt import search as tr  # noqa: E402
 from transformer_mt import textio  # noqa: E402
 from transformer_mt.serve.app import Server, create_app  # noqa: E402
 from transformer_mt.serve.batcher import Batcher  # noqa: E402
-from transformer_mt import data as data_lib  # noqa: E402
 from transformer_mt.serve.engine import Engine  # noqa: E402
 from transformer_mt.serve.fields import Limits  # noqa: E402
 
@@ -105,15 +105,12 @@ def test_concurrent_requests_get_their_own_translations(engine):
             [score for hyps in alone for _, score in hyps], abs=1e-5)
 
 
-def test_batch_shapes_are_a_fixed_set_compiled_at_warm_up(engine, monkeypatch):
-    """The server pads each batch to a power of two of rows, so its (rows, length) shapes are the
-    fixed set Engine.shapes lists; warm-up compiles exactly that set, and requests of every size
-    from 1 to 20 lines afterwards compile nothing new (translate's 1, 2, 3, 4, 6, 8, 12, ... ladder
-    would meet 6 and 12 rows), and are answered as `translate` answers them."""
+def record_batch_shapes(monkeypatch) -> list:
+    """Makes every search program note the (rows, source length) of each batch it runs; the list."""
     used = []
     original = tr.compiled_search
 
-    class Recording:  # a search that notes the shape of each batch it runs
+    class Recording:
         def __init__(self, fn):
             self.fn = fn
 
@@ -124,10 +121,16 @@ def test_batch_shapes_are_a_fixed_set_compiled_at_warm_up(engine, monkeypatch):
         def program(self, *args):  # loaded ahead of a batch, not run
             return self.fn.program(*args)
 
-    def recording(*args, **kwargs):
-        return Recording(original(*args, **kwargs))
+    monkeypatch.setattr(tr, "compiled_search", lambda *args, **kwargs: Recording(original(*args, **kwargs)))
+    return used
 
-    monkeypatch.setattr(tr, "compiled_search", recording)
+
+def test_batch_shapes_are_a_fixed_set_compiled_at_warm_up(engine, monkeypatch):
+    """The server pads each batch to a power of two of rows, so its (rows, length) shapes are the
+    fixed set Engine.shapes lists; warm-up compiles exactly that set, and requests of every size
+    from 1 to 20 lines afterwards compile nothing new (translate's 1, 2, 3, 4, 6, 8, 12, ... ladder
+    would meet 6 and 12 rows), and are answered as `translate` answers them."""
+    used = record_batch_shapes(monkeypatch)
     settings = engine.settings(beam_size=1)
     fixed = set(engine.shapes(settings))
     engine.warm_up([settings])
@@ -165,27 +168,12 @@ def test_bucketed_server_decodes_each_length_bucket_apart(engine, trained_run, m
         monkeypatch.setattr(eng.translator, "buckets", buckets)
     lengths = [len(ids) for ids in engine.encode(lines)]
     assert data_lib.bucket_for(lengths[0], buckets) < data_lib.bucket_for(lengths[1], buckets)  # two buckets
-    used = []
-    original = tr.compiled_search
-
-    def recording(*args, **kwargs):
-        fn = original(*args, **kwargs)
-
-        class Recording:
-            def __call__(self, params, src, *rest):
-                used.append(src.shape[1])
-                return fn(params, src, *rest)
-
-            def program(self, *a):
-                return fn.program(*a)
-        return Recording()
-
-    monkeypatch.setattr(tr, "compiled_search", recording)
+    used = record_batch_shapes(monkeypatch)
     answers = {}
     for name, eng in (("cycle", engine), ("bucketed", bucketed)):
         del used[:]
         answers[name] = eng.translate(lines, eng.settings(beam_size=1))
-        answers[name + " lengths"] = sorted(used)
+        answers[name + " lengths"] = sorted(shape[1] for shape in used)
     assert len(answers["cycle lengths"]) == 1 and len(answers["bucketed lengths"]) == 2
     assert [h[0].text for h in answers["cycle"]] == [h[0].text for h in answers["bucketed"]]
 

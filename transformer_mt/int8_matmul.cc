@@ -20,6 +20,11 @@ namespace {
 constexpr int kMR = 6;    // rows a micro-kernel call
 constexpr int kCols = 64; // columns a packed block: 4 zmm of 16 int32
 
+// The lanes of a 16-float vector that hold data when `left` values remain.
+inline __mmask16 LanesLeft(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // Per row: scale = max|x| * (1/127) (1 where 0), q = round_half_even(x * (1/scale)) + 128 as u8.
 void QuantizeRows(const float* x, int64_t M, int64_t K, uint8_t* q, float* scales) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
@@ -108,8 +113,7 @@ inline void MicroKernel(int64_t K4, const uint8_t* a, int64_t lda, const int8_t*
     for (int j = 0; j < 4 && ncols > j * 16; ++j, ++nj) {
       const __m512i sums = _mm512_sub_epi32(acc[r][j], _mm512_loadu_si512(comp + j * 16));
       y[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(rsv, _mm512_loadu_ps(cs + j * 16)));
-      const int64_t left = ncols - j * 16;
-      valid[j] = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+      valid[j] = LanesLeft(ncols - j * 16);
     }
     out(r, y, valid, nj);
   }
@@ -259,20 +263,20 @@ ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
     float* out = y->typed_data() + m * L;
     __m512 mx = neg_inf;
     for (int64_t k = 0; k < L; k += 16) {
-      const __mmask16 valid = L - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - k)) - 1);
+      const __mmask16 valid = LanesLeft(L - k);
       mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, valid, row + k));
     }
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t k = 0; k < L; k += 16) {
-      const __mmask16 valid = L - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - k)) - 1);
+      const __mmask16 valid = LanesLeft(L - k);
       const __m512 e = _mm512_maskz_mov_ps(valid, ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + k), top)));
       sum = _mm512_add_ps(sum, e);
       _mm512_mask_storeu_ps(out + k, valid, e);
     }
     const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
     for (int64_t k = 0; k < L; k += 16) {
-      const __mmask16 valid = L - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - k)) - 1);
+      const __mmask16 valid = LanesLeft(L - k);
       _mm512_mask_storeu_ps(out + k, valid, _mm512_div_ps(_mm512_maskz_loadu_ps(valid, out + k), total));
     }
   }

@@ -159,10 +159,16 @@ def int8_argmax(lhs, rhs, transposed: bool, banned_ids=()):
     return int8_kernel.int8_matmul_argmax(lhs, rhs, transposed, banned_ids)
 
 
+def _in_kernel_library(x) -> bool:
+    """True for float32 x traced inside decoding_inputs(int8) where the int8 kernel runs: its
+    library then takes the program's layer norms and softmaxes too."""
+    return _INPUT_DTYPE.get() == jnp.int8 and x.dtype == jnp.float32 and int8_kernel.active()
+
+
 def softmax_last(x):
     """jax.nn.softmax over the last axis; inside decoding_inputs(int8) where the int8 kernel runs,
     by its library (int8_kernel.softmax: a row's weights independent of its batch)."""
-    if _INPUT_DTYPE.get() == jnp.int8 and x.dtype == jnp.float32 and int8_kernel.active():
+    if _in_kernel_library(x):
         return int8_kernel.softmax(x)
     return jax.nn.softmax(x, axis=-1)
 
@@ -171,8 +177,7 @@ def layer_norm(norm, x):
     """norm(x) for an nnx.LayerNorm; inside decoding_inputs(int8) where the int8 kernel runs, by
     its library's layer norm (int8_kernel.layer_norm: one call for XLA's two reductions); in
     float32 otherwise by layer_norm.layer_norm (the same values, a backward pass that keeps less)."""
-    if (_INPUT_DTYPE.get() == jnp.int8 and x.dtype == jnp.float32 and norm.scale is not None
-            and norm.bias is not None and int8_kernel.active()):
+    if norm.scale is not None and norm.bias is not None and _in_kernel_library(x):
         return int8_kernel.layer_norm(x, norm.scale[...], norm.bias[...], norm.epsilon)
     if (x.dtype == jnp.float32 and norm.scale is not None and norm.bias is not None
             and norm.dtype in (None, jnp.float32) and norm.scale.dtype == jnp.float32):

@@ -287,7 +287,7 @@ class Translator:
         self.buckets = decoding_buckets(cfg.data.bucket_lengths)  # source lengths decoding pads to
         self.truncated = 0  # lines translate_lines cut to the largest bucket
         self.rows_for = row_bucket  # rows a batch of n sentences is padded to (plan_batches)
-        self.one_bucket = True  # a batch holds one length bucket (plan_batches; the server mixes them)
+        self.one_bucket = True  # a batch holds one length bucket (plan_batches; the server mixes small cycles)
 
     def _fit(self, ids: list[int]) -> list[int]:
         """Source ids (ending in EOS) cut to the largest bucket (translate_lines warns and counts)."""
