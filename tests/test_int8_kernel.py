@@ -101,6 +101,18 @@ def test_softmax_is_jax_softmax_and_row_by_row(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (64, 33), (70, 130)])
+def test_transpose_bf16_moves_every_value_exactly(shape):
+    """Shapes off the kernel's 32 x 32 tiles; signed zeros, infinities and a NaN's bits kept."""
+    bits = np.random.default_rng(shape[1]).integers(0, 2**16, size=shape, dtype=np.uint16)
+    bits.flat[0], bits.flat[-1] = 0x8000, 0x7FC1  # -0.0, a NaN with a payload
+    x = jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.bfloat16)
+    got = jax.jit(int8_kernel.transpose_bf16)(x)
+    assert got.shape == shape[::-1] and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint16)), bits.T)
+
+
+@needs_kernel
 def test_kernel_takes_leading_dimensions():
     x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)
     w = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)

@@ -4,9 +4,11 @@ and only where the training loss asks for them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from transformer_mt import matmul
+from conftest import all_eqns
+from transformer_mt import int8_kernel, matmul
 from transformer_mt.config import ModelConfig
 from transformer_mt.model import Transformer
 
@@ -32,6 +34,51 @@ def test_bf16_matmul_rounds_inputs_and_sums_in_float32():
     # ...and they are not the float32 products: the test would notice float32 inputs.
     assert np.abs(np.asarray(out) - x @ w).max() > 1e-3
     assert np.abs(np.asarray(dw) - x.reshape(-1, 48).T @ g.reshape(-1, 24)).max() > 1e-3
+
+
+@pytest.mark.skipif(not int8_kernel.available(), reason="no kernel library here: weight gradients run in XLA")
+@pytest.mark.parametrize("k, n", [(48, 24), (24, 48), (32, 32)])
+def test_weight_grad_by_kernel_transposes_is_x_transposed_times_g(k, n):
+    """Both of weight_grad's kernel routes (the smaller operand transposed: x, or g with the
+    product transposed back) give x^T g of the bf16 inputs summed in float32, as XLA's does."""
+    rng = np.random.default_rng(k * n)
+    x = jnp.asarray(rng.normal(size=(70, k)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(70, n)), jnp.bfloat16)
+    exact = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
+    for kernel in (False, True):
+        got = jax.jit(matmul.weight_grad, static_argnums=2)(x, g, kernel)
+        assert got.shape == (k, n) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not int8_kernel.available(), reason="no kernel library here: weight gradients run in XLA")
+def test_training_gradients_take_every_weight_through_the_kernel_transposes():
+    """The micro-step traced as the trainer traces it on one device: one kernel transpose per
+    Linear layer's weight and one for the tied embedding's (in the loss's loop), gradients equal
+    to the XLA route's but for the order of float32 sums; none without the flag."""
+    from transformer_mt import train_step as ts
+    from transformer_mt.data import Examples, pad_batch
+
+    rng = np.random.default_rng(3)
+    src = [np.append(rng.integers(4, 40, size=n), 3).astype(np.int32) for n in (5, 7, 3, 6)]
+    tgt = [rng.integers(4, 40, size=n).astype(np.int32) for n in (4, 6, 5, 3)]
+    batch = pad_batch(Examples(src, tgt), np.arange(4), 4, 8)
+    cfg = ModelConfig(d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, ffn_dim=64,
+                      dropout=0.0, dtype="float32", matmul_dtype="bfloat16", tie_embeddings=True)
+    model = Transformer(cfg, 40, 40, nnx.Rngs(0))
+    linears = sum(isinstance(m, nnx.Linear) for _, m in nnx.iter_modules(model))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def gradients(kernel):
+        fn = lambda p: ts.batch_sums(p, graphdef, batch, None, 0.1, kernel)  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(fn, has_aux=True))(params)
+        calls = sum(e.params.get("target_name") == int8_kernel.TRANSPOSE_TARGET for e in all_eqns(jaxpr.jaxpr))
+        return calls, jax.jit(jax.grad(fn, has_aux=True))(params)[0]
+
+    (calls, by_kernel), (none, by_xla) = gradients(True), gradients(False)
+    assert (calls, none) == (linears + 1, 0)
+    for a, b in zip(jax.tree.leaves(by_kernel), jax.tree.leaves(by_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_linear_layers_use_bf16_only_inside_matmul_inputs():

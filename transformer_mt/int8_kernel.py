@@ -10,7 +10,8 @@ roundings and int32 sums.
 
 The same library picks greedy search's tokens inside the output projection
 (`int8_matmul_argmax`) and runs those programs' layer norms (`layer_norm`), which XLA:CPU spends
-two small reductions on.
+two small reductions on, and softmaxes (`softmax`); for training it writes out the transposed
+operand of a weight gradient (`transpose_bf16`, matmul.weight_grad).
 
 It is compiled on first use with the system's C++ compiler for this CPU (-march=native, ~3 s)
 into ~/.cache/transformer_mt/kernels/ and registered with XLA. Without a compiler, on a CPU
@@ -42,6 +43,7 @@ TARGET = "transformer_mt_int8_matmul"
 ARGMAX_TARGET = "transformer_mt_int8_matmul_argmax"
 LAYER_NORM_TARGET = "transformer_mt_layer_norm"
 SOFTMAX_TARGET = "transformer_mt_softmax"
+TRANSPOSE_TARGET = "transformer_mt_transpose_bf16"
 SOURCE = Path(__file__).with_name("int8_matmul.cc")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what the kernel's instructions need
 COLUMNS = 64  # output columns of a packed block (int8_matmul.cc: kCols)
@@ -135,6 +137,13 @@ def softmax(x):
     line in 1,000 of an int8 test_2016 with the batch's row count (benchmarks/RESULTS.md). The
     library's exponential is within ~1 ulp of XLA's, so last bits differ from jax.nn.softmax."""
     return jax.ffi.ffi_call(SOFTMAX_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(x.astype(jnp.float32))
+
+
+def transpose_bf16(x):
+    """x.T of a 2-D bfloat16 x, written out by the kernel library (training's weight gradients,
+    matmul.weight_grad): an opaque call, which XLA cannot fold into the dot that reads it."""
+    return jax.ffi.ffi_call(TRANSPOSE_TARGET, jax.ShapeDtypeStruct(x.shape[::-1], jnp.bfloat16))(
+        x.astype(jnp.bfloat16))
 
 
 def _packed(w, transposed: bool):
@@ -298,6 +307,8 @@ def available() -> bool:
         jax.ffi.register_ffi_target(LAYER_NORM_TARGET, jax.ffi.pycapsule(library.TransformerMtLayerNorm),
                                     platform="cpu")
         jax.ffi.register_ffi_target(SOFTMAX_TARGET, jax.ffi.pycapsule(library.TransformerMtSoftmax), platform="cpu")
+        jax.ffi.register_ffi_target(TRANSPOSE_TARGET, jax.ffi.pycapsule(library.TransformerMtTransposeBf16),
+                                    platform="cpu")
     except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a jaxlib without FFI: XLA runs them)
         print(f"warning: the int8 kernel is not available ({_first_line(e)}); int8 products run in XLA",
               file=sys.stderr)

@@ -5,7 +5,8 @@
 // A micro-kernel computes 6 rows x 64 columns in 24 zmm accumulators, k four at a time.
 // A second handler keeps only each row's first largest column (greedy search's output
 // projection: first_argmax of the product without writing it); a third is a layer norm, for the
-// products' inputs in the same decoding programs.
+// products' inputs in the same decoding programs; a fourth the softmax of their attention. A
+// fifth, for training, transposes a bf16 matrix (matmul.weight_grad: see there why).
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
@@ -282,6 +283,25 @@ ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
   }
   return ffi::Error::Success();
 }
+
+// y [C, R] = x [R, C] transposed, bf16 moved as 16-bit words: a weight gradient's operand laid out
+// so that XLA runs x^T g as a bf16 dot (matmul.weight_grad). An opaque call, so XLA cannot fold the
+// transpose back into the dot. Tiles of 32 x 32 keep both sides' lines in L1.
+ffi::Error TransposeBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::ResultBuffer<ffi::BF16> y) {
+  const int64_t R = x.dimensions()[0], C = x.dimensions()[1];
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  uint16_t* out = reinterpret_cast<uint16_t*>(y->untyped_data());
+  constexpr int64_t kTile = 32;
+  for (int64_t r0 = 0; r0 < R; r0 += kTile) {
+    const int64_t r1 = std::min(R, r0 + kTile);
+    for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+      const int64_t c1 = std::min(C, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * R + r] = in[r * C + c];
+    }
+  }
+  return ffi::Error::Success();
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtInt8Matmul, Int8MatmulImpl,
@@ -312,3 +332,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtLayerNorm, LayerNormImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtSoftmax, SoftmaxImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerMtTransposeBf16, TransposeBf16Impl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());

@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from transformer_mt.matmul import weight_grad
+
 
 def label_smoothed_xent(logits, targets, weights, smoothing: float):
     """logits [B, T, V], targets int [B, T], weights [B, T] in {0, 1}.
@@ -42,7 +44,7 @@ def correct_tokens(logits, targets, weights):
 
 
 def projected_label_smoothed_xent(features, embedding, targets, weights, smoothing: float, chunk: int = 256,
-                                  matmul_dtype=None):
+                                  matmul_dtype=None, kernel_transposes: bool = False):
     """label_smoothed_xent and correct_tokens of logits = features @ embedding.T, computed
     `chunk` tokens at a time so that the [tokens, V] logits are never stored whole.
 
@@ -55,26 +57,28 @@ def projected_label_smoothed_xent(features, embedding, targets, weights, smoothi
     size of the last-level cache) is read or written more than once a chunk.
     matmul_dtype (default: the features' dtype): the three matmuls' input dtype (bfloat16 for
     mixed precision, see transformer_mt.matmul); they accumulate, and the softmax runs, in float32.
+    kernel_transposes: the embedding's bf16 gradient by matmul.weight_grad's kernel route.
     """
     matmul_dtype = jnp.dtype(matmul_dtype or features.dtype)
+    kernel_transposes = kernel_transposes and matmul_dtype == jnp.bfloat16
     return _projected_xent(features, embedding, targets, weights.astype(jnp.float32), smoothing, chunk,
-                           matmul_dtype)
+                           matmul_dtype, kernel_transposes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _projected_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _projected_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype, kernel_transposes):
     sums, _, _ = _chunked_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype,
-                               with_grads=False)
+                               kernel_transposes, with_grads=False)
     return sums
 
 
-def _projected_xent_fwd(features, embedding, targets, weights, smoothing, chunk, matmul_dtype):
+def _projected_xent_fwd(features, embedding, targets, weights, smoothing, chunk, matmul_dtype, kernel_transposes):
     sums, d_features, d_embedding = _chunked_xent(features, embedding, targets, weights, smoothing, chunk,
-                                                  matmul_dtype, with_grads=True)
+                                                  matmul_dtype, kernel_transposes, with_grads=True)
     return sums, (d_features, d_embedding)
 
 
-def _projected_xent_bwd(smoothing, chunk, matmul_dtype, residuals, cotangents):
+def _projected_xent_bwd(smoothing, chunk, matmul_dtype, kernel_transposes, residuals, cotangents):
     d_features, d_embedding = residuals
     g = cotangents[0]  # of loss_sum; the metrics' cotangents are ignored (see the docstring)
     return (g * d_features).astype(d_features.dtype), (g * d_embedding).astype(d_embedding.dtype), None, None
@@ -83,10 +87,12 @@ def _projected_xent_bwd(smoothing, chunk, matmul_dtype, residuals, cotangents):
 _projected_xent.defvjp(_projected_xent_fwd, _projected_xent_bwd)
 
 
-def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype, with_grads):
+def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, matmul_dtype, kernel_transposes,
+                  with_grads):
     """((loss_sum, nll_sum, correct), d loss_sum / d features, d loss_sum / d embedding); the
     gradients are None unless with_grads. A scan over chunks of `chunk` tokens (the last padded
-    with zero-weight rows)."""
+    with zero-weight rows). The embedding's gradient is summed transposed, [D, V]: the chunk's
+    product f^T d_logits then transposes the [chunk, D] features, not the [chunk, V] logits."""
     n, d = features.shape
     vocab = embedding.shape[0]
     chunk = min(chunk, n)
@@ -116,12 +122,15 @@ def _chunked_xent(features, embedding, targets, weights, smoothing, chunk, matmu
         d_logits = (exp / total - jnp.where(is_target, 1.0 - smoothing, 0.0) - smoothing / vocab) * w[:, None]
         d_logits = d_logits.astype(matmul_dtype)
         d_f = jnp.dot(d_logits, table, preferred_element_type=jnp.float32).astype(features.dtype)
-        d_embedding = d_embedding + jnp.einsum("cv,cd->vd", d_logits, f, preferred_element_type=jnp.float32)
+        d_embedding = d_embedding + weight_grad(f, d_logits, kernel_transposes)  # [D, V]
         return d_embedding, (sums, d_f)
 
-    init = jnp.zeros(embedding.shape, jnp.float32) if with_grads else None
+    init = jnp.zeros(embedding.shape[::-1], jnp.float32) if with_grads else None
     d_embedding, (sums, d_features) = jax.lax.scan(body, init, xs)
     loss_sum, nll_sum, correct = jnp.sum(sums, axis=0)
     if not with_grads:
         return (loss_sum, nll_sum, correct), None, None
+    # The barrier keeps XLA from folding the .T into a one-chunk loop's product (a bf16 dot that
+    # XLA:CPU's dot thunk cannot run; see matmul.weight_grad).
+    d_embedding = jax.lax.optimization_barrier(d_embedding).T
     return (loss_sum, nll_sum, correct), d_features.reshape(-1, d)[:n], d_embedding.astype(embedding.dtype)

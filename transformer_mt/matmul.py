@@ -56,9 +56,10 @@ def resolve_matmul_dtype(name: str, compute_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-@jax.custom_vjp
-def bf16_matmul(x, w):
-    """x [..., K] @ w [K, N] -> float32 [..., N], with both rounded to bf16."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_matmul(x, w, kernel_transposes: bool = False):
+    """x [..., K] @ w [K, N] -> float32 [..., N], with both rounded to bf16. kernel_transposes:
+    the weight's gradient by weight_grad's kernel route (see there)."""
     return _mm(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
 
 
@@ -66,19 +67,36 @@ def _mm(a, b):
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
-def _bf16_matmul_fwd(x, w):
+def _bf16_matmul_fwd(x, w, kernel_transposes):
     x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     # The residuals are the bf16 copies (half the memory of float32 inputs), and two scalars
     # that carry the inputs' dtypes, which the cotangents must have.
     return _mm(x16, w16), (x16, w16, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
-def _bf16_matmul_bwd(residuals, g):
+def _bf16_matmul_bwd(kernel_transposes, residuals, g):
     x16, w16, x_like, w_like = residuals
     g16 = g.astype(jnp.bfloat16)
     dx = _mm(g16, w16.T).astype(x_like.dtype)
-    dw = _mm(x16.reshape(-1, x16.shape[-1]).T, g16.reshape(-1, g16.shape[-1])).astype(w_like.dtype)
-    return dx, dw
+    dw = weight_grad(x16.reshape(-1, x16.shape[-1]), g16.reshape(-1, g16.shape[-1]), kernel_transposes)
+    return dx, dw.astype(w_like.dtype)
+
+
+def weight_grad(x, g, kernel_transposes: bool):
+    """x^T @ g -> float32 [K, N] of bf16 x [T, K] and g [T, N]: a weight's gradient, summed over
+    the T tokens. XLA:CPU runs a dot contracted over both operands' rows (x^T g) in float32, at
+    half the rate of its bf16 dots here (150-185 against 345-380 GFLOP/s, 2,048 tokens,
+    benchmarks/RESULTS.md). With kernel_transposes, where the kernel library runs, the smaller
+    operand is first written out transposed by an opaque call (int8_kernel.transpose_bf16, ~0.5 ms
+    for 2,048 x 512), which XLA cannot fold back into the dot, and the product is a bf16 dot. Only
+    on one device: XLA's partitioner would gather a sharded operand of the opaque call."""
+    if not (kernel_transposes and int8_kernel.available()):
+        return _mm(x.T, g)
+    if x.shape[1] <= g.shape[1]:
+        return _mm(int8_kernel.transpose_bf16(x), g)
+    # The barrier keeps XLA from folding the .T into the dot as x^T g again (which its bf16 dot
+    # thunk then cannot run).
+    return jax.lax.optimization_barrier(_mm(int8_kernel.transpose_bf16(g), x)).T
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
@@ -118,17 +136,21 @@ def reduced_inputs() -> bool:
 
 
 _INPUT_DTYPE: contextvars.ContextVar = contextvars.ContextVar("matmul_input_dtype", default=None)
+_KERNEL_TRANSPOSES: contextvars.ContextVar = contextvars.ContextVar("kernel_transposes", default=False)
 
 
 @contextlib.contextmanager
-def matmul_inputs(dtype):
+def matmul_inputs(dtype, kernel_transposes: bool = False):
     """While tracing inside this block, float32 `dot_general`s of the model take `dtype` inputs
-    (bfloat16: mixed precision; int8: quantised, for decoding only; None or float32: unchanged)."""
+    (bfloat16: mixed precision; int8: quantised, for decoding only; None or float32: unchanged).
+    kernel_transposes: bf16 weight gradients by weight_grad's kernel route (training on one device)."""
     token = _INPUT_DTYPE.set(None if dtype is None else jnp.dtype(dtype))
+    kernel_token = _KERNEL_TRANSPOSES.set(kernel_transposes)
     try:
         yield
     finally:
         _INPUT_DTYPE.reset(token)
+        _KERNEL_TRANSPOSES.reset(kernel_token)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -142,7 +164,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if inputs in (jnp.bfloat16, jnp.int8) and linear and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
         transposed = tuple(rhs_contract) == (1,)  # x @ rhs.T: a tied output projection's [V, D] table
         if inputs == jnp.bfloat16:
-            product = bf16_matmul(lhs, rhs.T if transposed else rhs)
+            product = bf16_matmul(lhs, rhs.T if transposed else rhs, _KERNEL_TRANSPOSES.get())
         else:
             product = int8_kernel.int8_matmul(lhs, rhs, transposed)
         return product.astype(preferred_element_type or jnp.float32)

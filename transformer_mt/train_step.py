@@ -77,27 +77,28 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
     return graphdef, state
 
 
-def batch_sums(params, graphdef, batch, dropout_key, smoothing: float):
-    """Summed loss over a batch and its metrics; dropout when dropout_key is not None."""
+def batch_sums(params, graphdef, batch, dropout_key, smoothing: float, kernel_transposes: bool = False):
+    """Summed loss over a batch and its metrics; dropout when dropout_key is not None.
+    kernel_transposes: bf16 weight gradients by matmul.weight_grad's kernel route (one device)."""
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
     packing = {k: batch[k] for k in PACKED_KEYS} if PACKED_KEYS[0] in batch else None
-    with matmul_inputs(model.matmul_dtype):  # bf16 matmul inputs where configured (mixed precision)
+    with matmul_inputs(model.matmul_dtype, kernel_transposes):  # bf16 matmul inputs where configured (mixed precision)
         features = model.features(batch["src"], batch["tgt_in"], rngs=rngs, packing=packing)  # [B, T, D]
     weights = batch["tgt_out"] != PAD_ID
     loss_sum, nll_sum, correct = projected_label_smoothed_xent(
         features.reshape(-1, features.shape[-1]), model.output_embedding(), batch["tgt_out"].reshape(-1),
-        weights.reshape(-1), smoothing, matmul_dtype=model.matmul_dtype)
+        weights.reshape(-1), smoothing, matmul_dtype=model.matmul_dtype, kernel_transposes=kernel_transposes)
     metrics = {"loss_sum": loss_sum, "nll_sum": nll_sum, "tokens": jnp.sum(weights).astype(jnp.float32),
                "correct": correct}
     return loss_sum, metrics
 
 
-def micro_grads(state: State, batch, micro_index, *, graphdef, smoothing: float):
+def micro_grads(state: State, batch, micro_index, *, graphdef, smoothing: float, kernel_transposes: bool = False):
     """Gradient of the summed loss on one micro-batch (not yet divided by the token count)."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]), micro_index)
     grad_fn = jax.grad(batch_sums, has_aux=True)
-    return grad_fn(state["params"], graphdef, batch, key, smoothing)
+    return grad_fn(state["params"], graphdef, batch, key, smoothing, kernel_transposes)
 
 
 def apply_grads(state: State, grads, metrics, *, tx, skip_nonfinite: bool = True):
@@ -124,9 +125,10 @@ def apply_grads(state: State, grads, metrics, *, tx, skip_nonfinite: bool = True
     return new_state, out
 
 
-def train_step(state: State, batch, *, graphdef, tx, smoothing: float):
+def train_step(state: State, batch, *, graphdef, tx, smoothing: float, kernel_transposes: bool = False):
     """One optimizer step on one batch: the fused form of micro_grads + apply_grads."""
-    grads, metrics = micro_grads(state, batch, 0, graphdef=graphdef, smoothing=smoothing)
+    grads, metrics = micro_grads(state, batch, 0, graphdef=graphdef, smoothing=smoothing,
+                                 kernel_transposes=kernel_transposes)
     return apply_grads(state, grads, metrics, tx=tx)
 
 

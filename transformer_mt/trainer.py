@@ -84,10 +84,12 @@ def compiled_steps(graphdef, optimizer: ts.OptimizerSettings, smoothing: float, 
     tx = ts.make_optimizer(optimizer)
     state_sh = jax.tree.unflatten(state_treedef, state_shardings)
     repl = sharding.replicated(mesh)
+    one_device = mesh.size == 1  # matmul.weight_grad's kernel transposes: not for sharded operands
     return CompiledSteps(
-        micro=jax.jit(ts.bind(ts.micro_grads, graphdef=graphdef, smoothing=smoothing)),
+        micro=jax.jit(ts.bind(ts.micro_grads, graphdef=graphdef, smoothing=smoothing, kernel_transposes=one_device)),
         apply=jax.jit(ts.bind(ts.apply_grads, tx=tx), donate_argnums=0, out_shardings=(state_sh, repl)),
-        fused=jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=smoothing),
+        fused=jax.jit(ts.bind(ts.train_step, graphdef=graphdef, tx=tx, smoothing=smoothing,
+                              kernel_transposes=one_device),
                       donate_argnums=0, out_shardings=(state_sh, repl)),
         add=jax.jit(ts.accumulate, donate_argnums=0),
         evaluate=jax.jit(ts.bind(ts.eval_step, graphdef=graphdef, smoothing=smoothing)),
