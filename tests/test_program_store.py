@@ -165,3 +165,26 @@ def test_program_for_one_of_two_devices_loads_onto_it(trained_run, tmp_path):
         assert [[text for text, _ in hyps] for hyps in run["second"]] == [[text for text, _ in hyps] for hyps in run["both"]]
         assert [score for hyps in run["second"] for _, score in hyps] == pytest.approx(
             [score for hyps in run["both"] for _, score in hyps], abs=1e-4)
+
+
+def test_shapes_loaded_once_are_not_loaded_again(loaded_run, store, monkeypatch):
+    """A server decodes many cycles of the same few batch shapes: after the first, translate_ids
+    builds no filler batches to load programs it holds (they cost 17% of the batching thread);
+    new params load them again."""
+    cfg, graphdef, params, tok, mesh = loaded_run
+    translator = search.Translator(cfg, graphdef, tok, mesh)
+    settings = search.settings_from(cfg, beam_size=1, max_len_a=0.0, max_len_b=5)
+    ids = tok.encode_src(SENTENCES * 75)  # a full batch of rows and a smaller one: two programs
+    rows = {rows for _, rows, _ in search.plan_batches([len(x) for x in ids], translator.buckets,
+                                                        settings.batch_tokens, sharding.data_size(mesh),
+                                                        translator.rows_for, True)}
+    assert len(rows) == 2
+    fillers = []
+    real = translator.filler_batch
+    monkeypatch.setattr(translator, "filler_batch", lambda *a, **k: fillers.append(a) or real(*a, **k))
+    first = translator.translate_ids(params, ids, settings)
+    assert len(fillers) == 2
+    assert translator.translate_ids(params, ids, settings) == first
+    assert len(fillers) == 2, "programs already loaded were loaded again"
+    translator.translate_ids(jax.tree.map(lambda x: x + 0, params), ids, settings)  # other params
+    assert len(fillers) == 4

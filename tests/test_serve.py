@@ -80,9 +80,13 @@ async def _client_calls(server: Server, calls, gate: Gate | None = None, queued_
         return await asyncio.gather(*tasks)
 
 
-def test_concurrent_requests_get_their_own_translations(engine):
+def test_concurrent_requests_get_their_own_translations(engine, monkeypatch):
     """Requests of different lengths and settings, queued together, each get what Translator gives
-    for their lines alone: greedy and beam 4, n-best with scores."""
+    for their lines alone: greedy and beam 4, n-best with scores. Each line is tokenized once, on
+    arrival (its cost): the batcher hands those ids to the search."""
+    encoded = []
+    real_encode = engine.translator.tok.encode_src
+    monkeypatch.setattr(engine.translator.tok, "encode_src", lambda lines: encoded.extend(lines) or real_encode(lines))
     gate = Gate()
     gate.closed = True
     server = make_server(engine, gate)
@@ -95,6 +99,7 @@ def test_concurrent_requests_get_their_own_translations(engine):
     server.batcher.stop()
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert server.batcher.cycles == 2  # one batch per search setting: the requests were decoded together
+    assert len(encoded) == total
     translator = reference_translator(engine)
     for request, answer in zip(requests, answers):
         settings = tr.settings_from(engine.cfg, beam_size=request["beam"], nbest=request.get("nbest", 1))
@@ -120,6 +125,12 @@ def record_batch_shapes(monkeypatch) -> list:
 
         def program(self, *args):  # loaded ahead of a batch, not run
             return self.fn.program(*args)
+
+        def loaded(self, *args):
+            return self.fn.loaded(*args)
+
+        def note_loaded(self, *args):
+            return self.fn.note_loaded(*args)
 
     monkeypatch.setattr(tr, "compiled_search", lambda *args, **kwargs: Recording(original(*args, **kwargs)))
     return used

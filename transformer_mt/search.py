@@ -226,6 +226,7 @@ class SearchProgram:
         self.prepare = prepare  # params -> what the search reads besides them (int8_kernel.preparer)
         self.programs: dict = {}
         self._params_seen: tuple | None = None  # (weak reference to params, their signature, prepared)
+        self._loaded_shapes: set = set()  # batch shapes whose programs are loaded for those params
         self.store = program_store.store_dir()
 
     def __call__(self, params, *batch):
@@ -261,10 +262,22 @@ class SearchProgram:
         int8 kernel's packed weights, or nothing."""
         return self._seen(params)[1]
 
+    def loaded(self, params, shape: tuple) -> bool:
+        """True when the program of this (length, rows, width) batch shape is loaded for these
+        params (Translator.load_programs: a server's cycle need not build its filler batches)."""
+        seen = self._params_seen
+        return seen is not None and seen[0]() is params and shape in self._loaded_shapes
+
+    def note_loaded(self, params, shape: tuple) -> None:
+        """Remembers that the program of this batch shape is loaded for these params (after a call)."""
+        if self._params_seen is not None and self._params_seen[0]() is params:
+            self._loaded_shapes.add(shape)
+
     def _seen(self, params) -> tuple:
         seen = self._params_seen
         if seen is not None and seen[0]() is params:
             return seen[1:]
+        self._loaded_shapes = set()  # new params: their programs' signatures differ
         prepared = None if self.prepare is None else self.prepare(params)
         leaves = jax.tree.leaves(params)
         if any(isinstance(x, jax.core.Tracer) for x in leaves):  # traced (make_jaxpr): nothing to keep
@@ -344,6 +357,7 @@ class Translator:
             fn = self.search_for(settings, length, width)
             outputs = fn(params, *self._device_args(src, max_lens, prefix, prefix_lens, row_ids, settings.seed))
             # (dispatched, not waited for)
+            fn.note_loaded(params, (length, rows, width))
             if pending is not None:
                 collect(*pending)
             pending = chunk, places, outputs
@@ -377,14 +391,20 @@ class Translator:
         """Loads from the program store (or compiles) the search programs of several (length,
         rows, prefix width) batch shapes before the first batch runs, two at a time: XLA
         deserializes or compiles a program on one core, so a file's 10-20 programs are ready in
-        about half the time (benchmarks/RESULTS.md, 2026-12-03). Without a store: nothing."""
-        shapes = sorted(shapes)
-        if len(shapes) < 2 or program_store.store_dir() is None:
+        about half the time (benchmarks/RESULTS.md, 2026-12-03). Shapes loaded before for these
+        params are skipped (a server's cycles meet the same few: building their filler batches
+        and a thread pool cost 17% of its batching thread, RESULTS.md). Without a store: nothing."""
+        if program_store.store_dir() is None:
+            return
+        shapes = [s for s in sorted(shapes) if not self.search_for(settings, s[0], s[2]).loaded(params, s)]
+        if len(shapes) < 2:
             return
 
         def load(shape):
             length, rows, width = shape
-            self.search_for(settings, length, width).program(params, *self.filler_batch(settings, rows, length, width))
+            search = self.search_for(settings, length, width)
+            search.program(params, *self.filler_batch(settings, rows, length, width))
+            search.note_loaded(params, shape)
 
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(pool.map(load, shapes))
@@ -395,16 +415,18 @@ class Translator:
         jax.block_until_ready(self.search_for(settings, length)(params, *self.filler_batch(settings, rows, length)))
 
     def translate_lines(self, params, lines: Sequence[str], settings: SearchSettings, progress: bool = False,
-                        name: str = "input", first_line: int = 1,
-                        prefixes: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
+                        name: str = "input", first_line: int = 1, prefixes: Sequence[str] | None = None,
+                        source_ids: Sequence[list[int]] | None = None) -> list[list[tuple[str, float]]]:
         """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)] * nbest.
         prefixes: target text each translation starts with (one per line; "" for none).
+        source_ids: the lines' ids where the caller has encoded them already (`tok.encode_src` of
+        the cleaned lines: the server, which costs each line on arrival).
 
         A line longer than the largest bucket is translated from its first tokens, with a warning
         naming it as line first_line + k of `name` (the first MAX_LINE_WARNINGS; `truncated`
         counts them all).
         """
-        ids = self.tok.encode_src([clean_line(s) for s in lines])
+        ids = source_ids if source_ids is not None else self.tok.encode_src([clean_line(s) for s in lines])
         limit = self.buckets[-1]
         for n, seq in enumerate(ids, start=first_line):
             if len(seq) > limit:

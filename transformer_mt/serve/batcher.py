@@ -249,9 +249,11 @@ class Batcher:
             first = slices[0][0]
             lines = [line for j, a, b in slices for line in j.lines[a:b]]
             prefixes = None if first.prefixes is None else [p for j, a, b in slices for p in j.prefixes[a:b]]
+            ids = (None if any(j.source_ids is None for j, _, _ in slices)  # encoded on arrival: not again
+                   else [x for j, a, b in slices for x in j.source_ids[a:b]])
             try:
                 results = self.translate(lines, first.settings, prefixes, first.alignment,
-                                         first_line=slices[0][1] + 1)
+                                         first_line=slices[0][1] + 1, source_ids=ids)
                 error = None
             except Exception as e:  # noqa: BLE001 (answered to these requests; the server goes on)
                 results, error = [None] * len(lines), e

@@ -118,15 +118,17 @@ class Engine:
         return [0 if len(x) <= 1 else data_lib.bucket_for(min(len(x), buckets[-1]), buckets) for x in ids]
 
     def translate(self, lines: Sequence[str], settings: SearchSettings, prefixes: Sequence[str] | None = None,
-                  alignment: bool = False, first_line: int = 1) -> list[list[Hypothesis]]:
+                  alignment: bool = False, first_line: int = 1,
+                  source_ids: Sequence[list[int]] | None = None) -> list[list[Hypothesis]]:
         """settings.nbest hypotheses per line, best first, as `translate` writes them for these lines
-        of a file whose first line is number first_line (which seeds sampling)."""
+        of a file whose first line is number first_line (which seeds sampling). source_ids: the
+        lines' `encode` where the caller has it (not encoded again)."""
         # A few lines of many lengths go in one search loop, padded to the longest (a line's padding
         # then depends on its neighbours); many lines, or all with --bucketed, in a loop a length
         # bucket, as a file: a short line no longer pays a long one's padding and step limit.
         self.translator.one_bucket = self.bucketed or len(lines) >= BUCKETED_FROM
         results = self.translator.translate_lines(self.params, lines, settings, name="request", first_line=first_line,
-                                                  prefixes=prefixes)
+                                                  prefixes=prefixes, source_ids=source_ids)
         aligned = align_hypotheses(self.translator, self.params, lines, results) if alignment else None
         return [[Hypothesis(text, score, aligned[k][h] if aligned else None) for h, (text, score) in enumerate(hyps)]
                 for k, hyps in enumerate(results)]
