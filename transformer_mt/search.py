@@ -313,7 +313,7 @@ class Translator:
 
     def translate_ids(self, params, sources: Sequence[list[int]], settings: SearchSettings,
                       progress: bool = False, prefixes: Sequence[list[int]] | None = None,
-                      first_index: int = 0) -> list[list[tuple[list[int], float]]]:
+                      first_index: int = 0, one_bucket: bool | None = None) -> list[list[tuple[list[int], float]]]:
         """n-best (ids, score) lists for source id lists (each ending in EOS); empty sources give [].
 
         prefixes: target ids each output must start with (forced; the length limit grows by them).
@@ -327,7 +327,7 @@ class Translator:
         todo.sort(key=lambda i: len(sources[i]))
         devices = sharding.data_size(self.mesh)
         batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
-                               devices, self.rows_for, self.one_bucket)
+                               devices, self.rows_for, self.one_bucket if one_bucket is None else one_bucket)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
         widths = [prefix_width(max(len(prefixes[todo[k]]) for k in chunk)) for _, _, chunk in batches]
@@ -416,7 +416,8 @@ class Translator:
 
     def translate_lines(self, params, lines: Sequence[str], settings: SearchSettings, progress: bool = False,
                         name: str = "input", first_line: int = 1, prefixes: Sequence[str] | None = None,
-                        source_ids: Sequence[list[int]] | None = None) -> list[list[tuple[str, float]]]:
+                        source_ids: Sequence[list[int]] | None = None,
+                        one_bucket: bool | None = None) -> list[list[tuple[str, float]]]:
         """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)] * nbest.
         prefixes: target text each translation starts with (one per line; "" for none).
         source_ids: the lines' ids where the caller has encoded them already (`tok.encode_src` of
@@ -436,7 +437,8 @@ class Translator:
                     warn(f"{name} line {n}: {len(seq)} tokens, longer than the model's {limit}; "
                          f"translated from its first {limit - 1}{more}")
         prefix_ids = None if prefixes is None else self.tok.encode_tgt([clean_line(p) for p in prefixes])
-        results = self.translate_ids(params, ids, settings, progress, prefixes=prefix_ids, first_index=first_line - 1)
+        results = self.translate_ids(params, ids, settings, progress, prefixes=prefix_ids, first_index=first_line - 1,
+                                     one_bucket=one_bucket)
         texts = iter(self.tok.decode_tgt([h[0] for hyps in results for h in hyps]))  # one call for all lines
         return [[(one_line(next(texts)), s) for _, s in hyps] if hyps else [("", 0.0)] * settings.nbest
                 for hyps in results]

@@ -126,9 +126,9 @@ class Engine:
         # A few lines of many lengths go in one search loop, padded to the longest (a line's padding
         # then depends on its neighbours); many lines, or all with --bucketed, in a loop a length
         # bucket, as a file: a short line no longer pays a long one's padding and step limit.
-        self.translator.one_bucket = self.bucketed or len(lines) >= BUCKETED_FROM
         results = self.translator.translate_lines(self.params, lines, settings, name="request", first_line=first_line,
-                                                  prefixes=prefixes, source_ids=source_ids)
+                                                  prefixes=prefixes, source_ids=source_ids,
+                                                  one_bucket=self.bucketed or len(lines) >= BUCKETED_FROM)
         aligned = align_hypotheses(self.translator, self.params, lines, results) if alignment else None
         return [[Hypothesis(text, score, aligned[k][h] if aligned else None) for h, (text, score) in enumerate(hyps)]
                 for k, hyps in enumerate(results)]
