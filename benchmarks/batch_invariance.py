@@ -53,11 +53,11 @@ def main() -> None:
     print(f"checkpoint step {step}, precision {precision}, {multiple} device(s), {len(lines)} lines")
     print("plan                 beam  rows          grouping              lines that differ from the file")
     for plan_name, one_bucket in plans:
-        translator.one_bucket = one_bucket  # plan_batches(one_bucket=...): translate's, or the server's
         for beam in [int(b) for b in args.beams.split(",")]:
             settings = search.settings_from(cfg, beam_size=beam, precision=precision)
             translator.rows_for = row_bucket
-            reference = [h[0][0] for h in translator.translate_lines(params, lines, settings)]
+            # plan_batches(one_bucket=...): translate's plan, or the server's
+            reference = [h[0][0] for h in translator.translate_lines(params, lines, settings, one_bucket=one_bucket)]
             for rows_name, rows in [("translate's", row_bucket), ("server's", lambda n: server_rows(n, multiple))]:
                 translator.rows_for = rows
                 for seed in range(args.seeds):
@@ -65,7 +65,8 @@ def main() -> None:
                     out, start, t0 = [], 0, time.perf_counter()
                     while start < len(lines):
                         size = int(rng.integers(1, args.max_group + 1))
-                        out += [h[0][0] for h in translator.translate_lines(params, lines[start:start + size], settings)]
+                        out += [h[0][0] for h in translator.translate_lines(params, lines[start:start + size], settings,
+                                                                            one_bucket=one_bucket)]
                         start += size
                     differ = [k + 1 for k, (a, b) in enumerate(zip(out, reference)) if a != b]
                     print(f"{plan_name:20s} {beam:4d}  {rows_name:12s}  groups of 1-{args.max_group}, seed {seed}  "

@@ -18,6 +18,16 @@ def rounded(x):
     return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
 
 
+def toy_batch(seed: int) -> dict:
+    """A padded batch of 4 random pairs over a 40-token vocabulary (ids 4-39, EOS 3 on the sources)."""
+    from transformer_mt.data import Examples, pad_batch
+
+    rng = np.random.default_rng(seed)
+    src = [np.append(rng.integers(4, 40, size=n), 3).astype(np.int32) for n in (5, 7, 3, 6)]
+    tgt = [rng.integers(4, 40, size=n).astype(np.int32) for n in (4, 6, 5, 3)]
+    return pad_batch(Examples(src, tgt), np.arange(4), 4, 8)
+
+
 def test_bf16_matmul_rounds_inputs_and_sums_in_float32():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 5, 48)).astype(np.float32)
@@ -57,12 +67,8 @@ def test_training_gradients_take_every_weight_through_the_kernel_transposes():
     Linear layer's weight and one for the tied embedding's (in the loss's loop), gradients equal
     to the XLA route's but for the order of float32 sums; none without the flag."""
     from transformer_mt import train_step as ts
-    from transformer_mt.data import Examples, pad_batch
 
-    rng = np.random.default_rng(3)
-    src = [np.append(rng.integers(4, 40, size=n), 3).astype(np.int32) for n in (5, 7, 3, 6)]
-    tgt = [rng.integers(4, 40, size=n).astype(np.int32) for n in (4, 6, 5, 3)]
-    batch = pad_batch(Examples(src, tgt), np.arange(4), 4, 8)
+    batch = toy_batch(3)
     cfg = ModelConfig(d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, ffn_dim=64,
                       dropout=0.0, dtype="float32", matmul_dtype="bfloat16", tie_embeddings=True)
     model = Transformer(cfg, 40, 40, nnx.Rngs(0))
@@ -99,12 +105,8 @@ def test_bf16_training_loss_and_gradients_stay_close_to_float32():
     """The same model and batch: loss within 1%, gradients within a few percent of their norm;
     decoding (outside the training loss) is float32 either way."""
     from transformer_mt import train_step as ts
-    from transformer_mt.data import Examples, pad_batch
 
-    rng = np.random.default_rng(2)
-    src = [np.append(rng.integers(4, 40, size=n), 3).astype(np.int32) for n in (5, 7, 3, 6)]
-    tgt = [rng.integers(4, 40, size=n).astype(np.int32) for n in (4, 6, 5, 3)]
-    batch = pad_batch(Examples(src, tgt), np.arange(4), 4, 8)
+    batch = toy_batch(2)
     results = {}
     for name in ("float32", "bfloat16"):
         cfg = ModelConfig(d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64,

@@ -300,7 +300,6 @@ class Translator:
         self.buckets = decoding_buckets(cfg.data.bucket_lengths)  # source lengths decoding pads to
         self.truncated = 0  # lines translate_lines cut to the largest bucket
         self.rows_for = row_bucket  # rows a batch of n sentences is padded to (plan_batches)
-        self.one_bucket = True  # a batch holds one length bucket (plan_batches; the server mixes small cycles)
 
     def _fit(self, ids: list[int]) -> list[int]:
         """Source ids (ending in EOS) cut to the largest bucket (translate_lines warns and counts)."""
@@ -313,12 +312,13 @@ class Translator:
 
     def translate_ids(self, params, sources: Sequence[list[int]], settings: SearchSettings,
                       progress: bool = False, prefixes: Sequence[list[int]] | None = None,
-                      first_index: int = 0, one_bucket: bool | None = None) -> list[list[tuple[list[int], float]]]:
+                      first_index: int = 0, one_bucket: bool = True) -> list[list[tuple[list[int], float]]]:
         """n-best (ids, score) lists for source id lists (each ending in EOS); empty sources give [].
 
         prefixes: target ids each output must start with (forced; the length limit grows by them).
         first_index: the first source's number in the whole input, which seeds its samples, so a
         sentence draws the same samples whatever batch or chunk it lands in.
+        one_bucket: a batch holds one length bucket (plan_batches; False: the server's small cycles).
         """
         results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
         sources = [self._fit(list(s)) for s in sources]
@@ -327,7 +327,7 @@ class Translator:
         todo.sort(key=lambda i: len(sources[i]))
         devices = sharding.data_size(self.mesh)
         batches = plan_batches([len(sources[i]) for i in todo], self.buckets, settings.batch_tokens,
-                               devices, self.rows_for, self.one_bucket if one_bucket is None else one_bucket)
+                               devices, self.rows_for, one_bucket)
         bar = tqdm(total=len(todo), disable=not progress, desc="translate", unit="sent", dynamic_ncols=True,
                    file=sys.stderr)
         widths = [prefix_width(max(len(prefixes[todo[k]]) for k in chunk)) for _, _, chunk in batches]
@@ -414,20 +414,24 @@ class Translator:
         translate_ids would meet it, by running it on filler rows (which stop at once)."""
         jax.block_until_ready(self.search_for(settings, length)(params, *self.filler_batch(settings, rows, length)))
 
+    def encode_lines(self, lines: Sequence[str]) -> list[list[int]]:
+        """The source ids of text lines, cleaned as a file's lines are (textio.clean_line)."""
+        return self.tok.encode_src([clean_line(s) for s in lines])
+
     def translate_lines(self, params, lines: Sequence[str], settings: SearchSettings, progress: bool = False,
                         name: str = "input", first_line: int = 1, prefixes: Sequence[str] | None = None,
                         source_ids: Sequence[list[int]] | None = None,
-                        one_bucket: bool | None = None) -> list[list[tuple[str, float]]]:
+                        one_bucket: bool = True) -> list[list[tuple[str, float]]]:
         """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)] * nbest.
         prefixes: target text each translation starts with (one per line; "" for none).
-        source_ids: the lines' ids where the caller has encoded them already (`tok.encode_src` of
-        the cleaned lines: the server, which costs each line on arrival).
+        source_ids: the lines' `encode_lines` where the caller has them already (the server, which
+        costs each line on arrival). one_bucket: as translate_ids.
 
         A line longer than the largest bucket is translated from its first tokens, with a warning
         naming it as line first_line + k of `name` (the first MAX_LINE_WARNINGS; `truncated`
         counts them all).
         """
-        ids = source_ids if source_ids is not None else self.tok.encode_src([clean_line(s) for s in lines])
+        ids = source_ids if source_ids is not None else self.encode_lines(lines)
         limit = self.buckets[-1]
         for n, seq in enumerate(ids, start=first_line):
             if len(seq) > limit:
@@ -447,8 +451,7 @@ class Translator:
                   progress: bool = False) -> list[str]:
         """Best translation of each sentence (used for validation BLEU)."""
         settings = settings_from(self.cfg, beam_size=beam_size, alpha=alpha)
-        ids = self.tok.encode_src([clean_line(s) for s in sentences])
-        nbest = self.translate_ids(params, ids, settings, progress)
+        nbest = self.translate_ids(params, self.encode_lines(sentences), settings, progress)
         return [self.tok.decode_tgt([hyps[0][0]])[0] if hyps else "" for hyps in nbest]
 
     # ------------------------------------------------------------------ teacher forcing

@@ -22,7 +22,7 @@ from transformer_mt import program_store, sharding
 from transformer_mt.rowpool import RowPool
 from transformer_mt.rundir import load_run
 from transformer_mt.search import SearchSettings, Translator, settings_from
-from transformer_mt.textio import clean_line, one_line
+from transformer_mt.textio import one_line
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Engine:
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
         """The lines' source token ids, cleaned as `translate` cleans a file's lines."""
-        return self.translator.tok.encode_src([clean_line(s) for s in lines])
+        return self.translator.encode_lines(lines)
 
     def padded_tokens(self, ids: Sequence[Sequence[int]]) -> list[int]:
         """Source tokens each line (its ids, `encode`) costs in a decoding batch: its length
