@@ -168,25 +168,22 @@ def test_batch_shapes_are_a_fixed_set_compiled_at_warm_up(engine, monkeypatch):
         assert [t["hypotheses"][0]["text"] for t in answer.json()["translations"]] == [h[0][0] for h in alone]
 
 
-def test_bucketed_server_decodes_each_length_bucket_apart(engine, trained_run, monkeypatch):
-    """By default a cycle's lines share one search loop, padded to the longest; `serve --bucketed`
-    decodes a batch per length bucket, as `translate` batches a file (a line's padding then never
-    depends on its neighbours), with the same translations."""
+def test_a_cycle_is_decoded_a_length_bucket_at_a_time(engine, monkeypatch):
+    """A cycle's lines of two length buckets go in two search loops, each line padded to its own
+    bucket as `translate` pads a file's (one loop padded to the longest line moved int8 answers on
+    near-ties), and the answers are translate's."""
     lines = ["Kids .", "A woman in a red dress is walking down the street ."]
-    bucketed = Engine(str(trained_run), bucketed=True)
     buckets = (8, engine.translator.buckets[-1])  # the test run's one decoding bucket, split in two
-    for eng in (engine, bucketed):
-        monkeypatch.setattr(eng.translator, "buckets", buckets)
+    monkeypatch.setattr(engine.translator, "buckets", buckets)
     lengths = [len(ids) for ids in engine.encode(lines)]
     assert data_lib.bucket_for(lengths[0], buckets) < data_lib.bucket_for(lengths[1], buckets)  # two buckets
     used = record_batch_shapes(monkeypatch)
-    answers = {}
-    for name, eng in (("cycle", engine), ("bucketed", bucketed)):
-        del used[:]
-        answers[name] = eng.translate(lines, eng.settings(beam_size=1))
-        answers[name + " lengths"] = sorted(shape[1] for shape in used)
-    assert len(answers["cycle lengths"]) == 1 and len(answers["bucketed lengths"]) == 2
-    assert [h[0].text for h in answers["cycle"]] == [h[0].text for h in answers["bucketed"]]
+    answers = engine.translate(lines, engine.settings(beam_size=1))
+    assert sorted(shape[1] for shape in used) == list(buckets)
+    offline = reference_translator(engine)
+    monkeypatch.setattr(offline, "buckets", buckets)
+    alone = offline.translate_lines(engine.params, lines, engine.settings(beam_size=1))
+    assert [h[0].text for h in answers] == [h[0][0] for h in alone]
 
 
 def reference_translator(engine) -> tr.Translator:

@@ -231,7 +231,9 @@ def _add_serve(sub) -> None:
                    help="continuous batching under heavy load (default 0: off; e.g. 64): from 48 lines in the "
                    "server until it holds 16, greedy requests with the server's settings are decoded in a pool "
                    "of N rows a few steps at a time, each finished row refilled from the queue at once, instead "
-                   "of in batches that run until their longest line ends. The same translations; on a 2-core CPU "
+                   "of in batches that run until their longest line ends. A pool line is padded to 32 source tokens, so "
+                   "at int8 a near-tie can differ from translate's answer (a batch pads it to its own bucket); "
+                   "on a 2-core CPU "
                    "0.95-1.3x the sentences/s of batches at 64 clients (benchmarks/RESULTS.md). Lines over 32 "
                    "source tokens and other settings go by batches")
     p.add_argument("--pool-steps", type=int, default=8, metavar="N",
@@ -247,13 +249,9 @@ def _add_serve(sub) -> None:
                    f"(default {DECODE_CPU_DEVICES}); see translate --help")
     p.add_argument("--precision", choices=DECODE_PRECISIONS,
                    help="matmul inputs while decoding, as translate --precision (default: the run's "
-                   "decode.precision, auto). float32 answers equal translate's line for line; bf16 and int8 "
-                   "can differ on a near-tie as a line's padding changes with its batch (see --bucketed)")
-    p.add_argument("--bucketed", action="store_true",
-                   help="decode every batching cycle within source-length buckets, as translate batches a file "
-                   "(by default only cycles of 12 lines or more; smaller ones go in one search loop, padded to "
-                   "their longest line): int8 answers then equal translate's line for line, at one search loop "
-                   "per bucket in light load too (benchmarks/RESULTS.md)")
+                   "decode.precision, auto). Each line is decoded in a batch of its own length bucket, as "
+                   "translate batches a file: int8 and float32 answers equal translate's line for line, bf16 ones "
+                   "can differ on a near-tie (a row's sums move with the rows beside it)")
     p.add_argument("--hold-while-exists", metavar="FILE", help=argparse.SUPPRESS)  # tests: queue, don't decode
 
 

@@ -46,8 +46,7 @@ def serve_command(args) -> int:
         raise ConfigError(f"--max-queue-lines ({limits.max_queue_lines}) must be at least --max-lines "
                           f"({limits.max_lines})")
     sock = _bind(args.host, args.port)  # before loading: a port in use fails at once
-    engine = Engine(args.checkpoint, args.step, args.last, precision=getattr(args, "precision", None),
-                    bucketed=getattr(args, "bucketed", False))
+    engine = Engine(args.checkpoint, args.step, args.last, precision=getattr(args, "precision", None))
     # every batch shape of greedy and of the run's own search (LibreTranslate's requests), compiled
     # or loaded from the compile cache in the background: /health says "warming" until done
     stream = GreedyStream(engine, rows=args.pool_rows, chunk=args.pool_steps) if args.pool_rows else None

@@ -66,7 +66,6 @@ MAX_ROWS = 64  # lines one batching cycle decodes at most (Batcher.max_lines): t
 POOL_ROWS = 64  # rows of the greedy row pool (GreedyStream); a step runs only as many as are busy
 POOL_LENGTH = 32  # source tokens a line may have to be decoded in the row pool (longer: by cycles)
 POOL_CHUNK = 8  # greedy steps between two refills of the pool's rows
-BUCKETED_FROM = 12  # lines of a cycle from which it is decoded a length bucket at a time (RESULTS.md)
 
 
 def rows_for(n: int, multiple: int) -> int:
@@ -81,8 +80,7 @@ def rows_for(n: int, multiple: int) -> int:
 class Engine:
     """A trained run, ready to translate lines with any search settings the run allows."""
 
-    def __init__(self, run_dir: str, step: int | None = None, last: bool = False, precision: str | None = None,
-                 bucketed: bool = False):
+    def __init__(self, run_dir: str, step: int | None = None, last: bool = False, precision: str | None = None):
         self.programs = ProgramCounter()
         self.precision = precision  # decoding precision for every request (None: the run's)
         cfg, graphdef, params, tok, step, mesh = load_run(run_dir, step, last)
@@ -94,7 +92,6 @@ class Engine:
         multiple = sharding.data_size(mesh)
         self.row_multiple = multiple
         self.translator.rows_for = lambda n: rows_for(n, multiple)
-        self.bucketed = bucketed  # every cycle by length buckets (else only cycles of BUCKETED_FROM lines)
         self.max_rows = MAX_ROWS
         self.warm_total = self.warm_done = 0  # shapes the warm-up compiles; those done
         self.warm_error: BaseException | None = None
@@ -123,12 +120,11 @@ class Engine:
         """settings.nbest hypotheses per line, best first, as `translate` writes them for these lines
         of a file whose first line is number first_line (which seeds sampling). source_ids: the
         lines' `encode` where the caller has it (not encoded again)."""
-        # A few lines of many lengths go in one search loop, padded to the longest (a line's padding
-        # then depends on its neighbours); many lines, or all with --bucketed, in a loop a length
-        # bucket, as a file: a short line no longer pays a long one's padding and step limit.
+        # A search loop a length bucket, as `translate` batches a file: a line is padded to its own
+        # bucket whatever shares its cycle, so its answer is the file's (one loop a cycle, padded to
+        # its longest line, moved 2-4 int8 lines in 1,000: XLA's dots sum differently by shape).
         results = self.translator.translate_lines(self.params, lines, settings, name="request", first_line=first_line,
-                                                  prefixes=prefixes, source_ids=source_ids,
-                                                  one_bucket=self.bucketed or len(lines) >= BUCKETED_FROM)
+                                                  prefixes=prefixes, source_ids=source_ids)
         aligned = align_hypotheses(self.translator, self.params, lines, results) if alignment else None
         return [[Hypothesis(text, score, aligned[k][h] if aligned else None) for h, (text, score) in enumerate(hyps)]
                 for k, hyps in enumerate(results)]
