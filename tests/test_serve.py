@@ -186,6 +186,29 @@ def test_a_cycle_is_decoded_a_length_bucket_at_a_time(engine, monkeypatch):
     assert [h[0].text for h in answers] == [h[0][0] for h in alone]
 
 
+def test_a_cycle_decodes_beams_in_small_length_sorted_batches(engine, monkeypatch):
+    """A cycle's lines go in batches of at most BATCH_HYPOTHESIS_TOKENS source tokens x hypotheses
+    (beam 4: 8 lines of the test run's 16 tokens, where its config's decode.batch_tokens allows
+    16), and their answers are translate's, which batches a file by the run's decode.batch_tokens."""
+    from transformer_mt.serve.engine import BATCH_HYPOTHESIS_TOKENS
+
+    lines = [[line for line in LINES if line][k % 6] for k in range(20)]
+    (length,) = engine.translator.buckets
+    used = record_batch_shapes(monkeypatch)
+    for beam in (4, 1):
+        del used[:]
+        settings = engine.settings(beam_size=beam)
+        per_batch = settings.batch_tokens // length
+        assert settings.batch_tokens == min(engine.cfg.decode.batch_tokens, BATCH_HYPOTHESIS_TOKENS // beam)
+        assert per_batch == 8 if beam == 4 else per_batch >= 16
+        answers = engine.translate(lines, settings)
+        sizes = [min(per_batch, len(lines) - k) for k in range(0, len(lines), per_batch)]
+        assert sorted(rows for rows, _ in used) == sorted(engine.translator.rows_for(n) for n in sizes)
+        offline = reference_translator(engine)
+        alone = offline.translate_lines(engine.params, lines, tr.settings_from(engine.cfg, beam_size=beam))
+        assert [h[0].text for h in answers] == [h[0][0] for h in alone]
+
+
 def reference_translator(engine) -> tr.Translator:
     """A Translator as `transformer-mt translate` makes it (its own row ladder), for the same model."""
     t = engine.translator

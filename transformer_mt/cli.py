@@ -223,8 +223,9 @@ def _add_serve(sub) -> None:
     add_checkpoint_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--batch-tokens", type=int, help="padded source tokens decoded together per batch "
-                   "(default: the run's decode.batch_tokens)")
+    p.add_argument("--batch-tokens", type=int, help="padded source tokens a batching cycle takes at most "
+                   "(default: the run's decode.batch_tokens); a cycle is decoded in length-sorted batches of at "
+                   "most 512 source tokens x hypotheses (beam or nbest draws)")
     p.add_argument("--max-wait-ms", type=float, default=3.0,
                    help="when idle, how long the first request waits for others to share its batch (default 3)")
     p.add_argument("--pool-rows", type=int, default=0, metavar="N",

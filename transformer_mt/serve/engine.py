@@ -10,7 +10,7 @@ text.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import jax
@@ -63,6 +63,10 @@ class ProgramCounter:
 
 
 MAX_ROWS = 64  # lines one batching cycle decodes at most (Batcher.max_lines): the largest row count
+# padded source tokens x hypotheses a line (beam or nbest draws) in one search loop of a cycle: a
+# cycle's random lengths run a loop until its longest line ends, so smaller loops of length-sorted
+# lines finish sooner (beam 4 1.2-1.6x the sentences/s of one loop a bucket, greedy level; RESULTS.md)
+BATCH_HYPOTHESIS_TOKENS = 512
 POOL_ROWS = 64  # rows of the greedy row pool (GreedyStream); a step runs only as many as are busy
 POOL_LENGTH = 32  # source tokens a line may have to be decoded in the row pool (longer: by cycles)
 POOL_CHUNK = 8  # greedy steps between two refills of the pool's rows
@@ -99,10 +103,14 @@ class Engine:
         self._warm_thread: threading.Thread | None = None
 
     def settings(self, **overrides) -> SearchSettings:
-        """Search settings from the run's config with overrides (None = default); ConfigError when invalid."""
+        """Search settings from the run's config with overrides (None = default); ConfigError when
+        invalid. A cycle's lines are decoded in batches of at most BATCH_HYPOTHESIS_TOKENS padded
+        source tokens x hypotheses (the same answers: a line's do not depend on its batch's rows)."""
         if self.precision is not None and overrides.get("precision") is None:
             overrides["precision"] = self.precision
-        return settings_from(self.cfg, **overrides)
+        s = settings_from(self.cfg, **overrides)
+        hypotheses = s.nbest if s.sampling else s.beam_size
+        return replace(s, batch_tokens=min(s.batch_tokens, max(1, BATCH_HYPOTHESIS_TOKENS // hypotheses)))
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
         """The lines' source token ids, cleaned as `translate` cleans a file's lines."""
