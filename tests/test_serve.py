@@ -215,6 +215,55 @@ def reference_translator(engine) -> tr.Translator:
     return tr.Translator(engine.cfg, t.graphdef, t.tok, t.mesh)
 
 
+def test_workers_decode_their_cycles_at_the_same_time():
+    """With two workers (a decoder per CPU device) two cycles are decoded at once, each with its
+    own decoder: the fake search below returns only once both are inside it, and each job gets
+    its own lines back."""
+    from transformer_mt.serve.batcher import Job
+
+    both_inside = threading.Barrier(2, timeout=60)  # fails the test if the cycles ran one after the other
+    decoders = []
+
+    def translate(lines, settings, prefixes, alignment, first_line=1, source_ids=None, decoder=0):
+        decoders.append(decoder)
+        both_inside.wait()
+        return [f"{settings}:{line}" for line in lines]
+
+    gate = Gate()
+    gate.closed = True
+    batcher = Batcher(translate, budget=100, max_wait=0.0, hold=gate, workers=2)
+    jobs = [Job(["a", "b"], [1, 1], "greedy"), Job(["c"], [1], "beam 4")]  # two settings: two cycles
+    for job in jobs:
+        batcher.submit(job)
+    gate.closed = False
+    batcher.stop()
+    assert sorted(decoders) == [0, 1] and batcher.cycles_by_worker == [1, 1]
+    assert jobs[0].results == ["greedy:a", "greedy:b"] and jobs[1].results == ["beam 4:c"]
+
+
+def test_a_decoder_per_cpu_device_answers_as_translate(trained_run):
+    """On a CPU split into 2 devices the engine has a decoder per device; each one's answers (greedy
+    and beam 4, several batch shapes) are what translate gives over both devices."""
+    script = f"""
+import sys
+from transformer_mt.serve.engine import Engine
+from transformer_mt.search import Translator, settings_from
+engine = Engine({str(trained_run)!r})
+assert len(engine.decoders) == 2 and len({{d.translator.mesh.devices.flat[0] for d in engine.decoders}}) == 2
+lines = {LINES!r} * 3
+offline = Translator(engine.cfg, engine.translator.graphdef, engine.translator.tok, engine.translator.mesh)
+for beam in (1, 4):
+    want = [h[0][0] for h in offline.translate_lines(engine.params, lines, settings_from(engine.cfg, beam_size=beam))]
+    for k in range(2):
+        got = [h[0].text for h in engine.translate(lines, engine.settings(beam_size=beam), decoder=k)]
+        assert got == want, (beam, k, got, want)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result.returncode == 0 and result.stdout.decode().strip() == "ok", result.stderr.decode()[-3000:]
+
+
 def test_long_request_is_split_so_short_ones_are_not_starved(engine):
     """A long request queued first does not hold back a short one queued behind it: the first batch
     takes a line of each in turn, so the short one is answered after one batch, not six."""

@@ -246,8 +246,9 @@ def _add_serve(sub) -> None:
                    help="lines waiting to be decoded (default 2000; more: 503 with Retry-After)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait (default 30; then 504)")
     p.add_argument("--cpu-devices", type=int, metavar="N",
-                   help=f"on a CPU, split it into N devices that decode each batch's rows side by side "
-                   f"(default {DECODE_CPU_DEVICES}); see translate --help")
+                   help=f"on a CPU, split it into N devices (default {DECODE_CPU_DEVICES}), each decoding batching "
+                   "cycles of its own with its own copy of the compiled programs (with --pool-rows: every "
+                   "batch's rows split over them)")
     p.add_argument("--precision", choices=DECODE_PRECISIONS,
                    help="matmul inputs while decoding, as translate --precision (default: the run's "
                    "decode.precision, auto). Each line is decoded in a batch of its own length bucket, as "

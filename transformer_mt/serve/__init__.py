@@ -46,7 +46,9 @@ def serve_command(args) -> int:
         raise ConfigError(f"--max-queue-lines ({limits.max_queue_lines}) must be at least --max-lines "
                           f"({limits.max_lines})")
     sock = _bind(args.host, args.port)  # before loading: a port in use fails at once
-    engine = Engine(args.checkpoint, args.step, args.last, precision=getattr(args, "precision", None))
+    # a decoder per CPU device, each with its own batching worker; the row pool spans every device
+    engine = Engine(args.checkpoint, args.step, args.last, precision=getattr(args, "precision", None),
+                    per_device=not args.pool_rows)
     # every batch shape of greedy and of the run's own search (LibreTranslate's requests), compiled
     # or loaded from the compile cache in the background: /health says "warming" until done
     stream = GreedyStream(engine, rows=args.pool_rows, chunk=args.pool_steps) if args.pool_rows else None
@@ -54,7 +56,7 @@ def serve_command(args) -> int:
     hold = (lambda: os.path.exists(args.hold_while_exists)) if args.hold_while_exists else None
     batcher = Batcher(engine.translate, args.batch_tokens or engine.cfg.decode.batch_tokens,
                       max_wait=args.max_wait_ms / 1000, max_queue_lines=limits.max_queue_lines, hold=hold,
-                      max_lines=engine.max_rows, stream=stream)
+                      max_lines=engine.max_rows, stream=stream, workers=len(engine.decoders))
     app = create_app(Server(engine, batcher, limits))
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"

@@ -208,6 +208,7 @@ async def health(request: Request) -> JSONResponse:
         "source": server.engine.src_lang, "target": server.engine.tgt_lang,
         "queue_lines": server.batcher.queued_lines, "busy_lines": server.batcher.busy_lines,
         "requests_in_flight": request.app.state.in_flight, "batches": server.batcher.cycles,
+        "batches_by_decoder": server.batcher.cycles_by_worker,
         "row_pool": None if server.batcher.stream is None else {
             "rows": server.batcher.stream.rows, "active": server.batcher.stream.active,
             "ready": server.batcher.stream.pool is not None, "steps": server.batcher.stream_steps},

@@ -1,4 +1,4 @@
-"""Batching across requests: one queue, one worker thread, many requests decoded together.
+"""Batching across requests: one queue, worker threads, many requests decoded together.
 
 Requests (jobs) wait in arrival order. Each cycle the worker takes the settings of the job that
 has waited longest, then lines of every waiting job with the same settings, up to a token budget:
@@ -11,9 +11,11 @@ under load, for as many lines as the last cycle had, was tried: no gain, RESULTS
 
 The decoding itself (`translate`, which sorts the lines into length-sorted batches padded to a
 power of two of rows, `Engine`) runs in the worker thread, off the event loop; each job collects its
-own lines' results in its own order and is told once all of them are in.
+own lines' results in its own order and is told once all of them are in. With several `workers`
+(the engine's decoders, one per CPU device) each takes its own cycles from the one queue and
+decodes them on its own devices while the others decode theirs.
 
-With a `stream` (the engine's row pool, `engine.GreedyStream`), the jobs it accepts (greedy, the
+With a `stream` (the engine's row pool, `engine.GreedyStream`; one worker), the jobs it accepts (greedy, the
 server's own settings, lines that fit its rows) skip the cycles once the server holds
 `stream_from` lines, until it holds only `stream_until`: the worker puts their lines into the
 pool's free rows, a line of each waiting job in turn, steps the pool a few tokens, answers the
@@ -71,7 +73,9 @@ class Batcher:
 
     def __init__(self, translate: Callable[..., list], budget: int, max_wait: float = 0.003,
                  max_queue_lines: int = 4096, hold: Callable[[], bool] | None = None, max_lines: int = 64,
-                 stream=None, stream_from: int = 48, stream_until: int = 16):
+                 stream=None, stream_from: int = 48, stream_until: int = 16, workers: int = 1):
+        if stream is not None and workers != 1:
+            raise ValueError("a stream (row pool) is stepped by the one worker thread")
         self.translate, self.budget, self.max_wait = translate, budget, max_wait
         self.stream = stream  # None, or what decodes the jobs it accepts row by row (engine.GreedyStream)
         # jobs go to the stream from `stream_from` lines in the server (queued or decoding) until
@@ -90,8 +94,11 @@ class Batcher:
         self.queued_lines = 0  # lines waiting to be taken
         self.busy_lines = 0  # lines being decoded now
         self.cycles = 0
-        self._thread = threading.Thread(target=self._run, name="serve-batcher", daemon=True)
-        self._thread.start()
+        self.cycles_by_worker = [0] * workers
+        self._threads = [threading.Thread(target=self._run, args=(k,), name=f"serve-batcher-{k}", daemon=True)
+                         for k in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: Job) -> None:
         """Queues the job; QueueFull when its lines do not fit. Empty jobs finish at once."""
@@ -120,26 +127,30 @@ class Batcher:
             self._dequeue(job)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Lets the worker finish what is queued, then ends it."""
+        """Lets the workers finish what is queued, then ends them."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
 
     # ------------------------------------------------------------------ worker
 
     def _take(self) -> list[tuple[Job, int, int]] | None:
         """(job, first line, end line) slices of one cycle, or None when stopping with nothing queued."""
         with self._cond:
-            while not self._jobs or (self.hold is not None and self.hold()):
-                if self._stopping and not self._jobs:
-                    return None
-                self._cond.wait(0.01 if self.hold is not None else None)
-            deadline = self._jobs[0].arrived + self.max_wait
-            while (sum(sum(j.costs[j.next_line:]) for j in self._jobs) < self.budget and not self._stopping
-                   and sum(j.waiting() for j in self._jobs) < self.max_lines
-                   and (left := deadline - time.monotonic()) > 0):
-                self._cond.wait(left)
+            while True:
+                while not self._jobs or (self.hold is not None and self.hold()):
+                    if self._stopping and not self._jobs:
+                        return None
+                    self._cond.wait(0.01 if self.hold is not None else None)
+                deadline = self._jobs[0].arrived + self.max_wait
+                while (self._jobs and sum(sum(j.costs[j.next_line:]) for j in self._jobs) < self.budget
+                       and not self._stopping and sum(j.waiting() for j in self._jobs) < self.max_lines
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cond.wait(left)
+                if self._jobs:  # else another worker took them while this one waited for more
+                    break
             key = self._jobs[0].key
             same = [j for j in self._jobs if j.key == key]
             taken = {j.id: j.next_line for j in same}
@@ -171,7 +182,7 @@ class Batcher:
                     self._jobs.remove(j)
             return slices
 
-    def _run(self) -> None:
+    def _run(self, worker: int) -> None:
         while True:
             with self._cond:
                 while self._held() or not (self._jobs or self._streaming()):
@@ -182,7 +193,7 @@ class Batcher:
             if self._streaming():
                 self._stream_step()
             if cycle:
-                self._cycle(self._take())
+                self._cycle(self._take(), worker)
 
     def _held(self) -> bool:
         return self.hold is not None and self.hold()
@@ -243,8 +254,8 @@ class Batcher:
             job.error = error
             _finish(job)
 
-    def _cycle(self, slices) -> None:
-        """Decodes one cycle's slices and answers the jobs they complete."""
+    def _cycle(self, slices, worker: int) -> None:
+        """Decodes one cycle's slices (with the worker's decoder) and answers the jobs they complete."""
         if slices:
             first = slices[0][0]
             lines = [line for j, a, b in slices for line in j.lines[a:b]]
@@ -253,13 +264,14 @@ class Batcher:
                    else [x for j, a, b in slices for x in j.source_ids[a:b]])
             try:
                 results = self.translate(lines, first.settings, prefixes, first.alignment,
-                                         first_line=slices[0][1] + 1, source_ids=ids)
+                                         first_line=slices[0][1] + 1, source_ids=ids, decoder=worker)
                 error = None
             except Exception as e:  # noqa: BLE001 (answered to these requests; the server goes on)
                 results, error = [None] * len(lines), e
             offset = 0
             with self._cond:
                 self.cycles += 1
+                self.cycles_by_worker[worker] += 1
                 for j, a, b in slices:
                     j.results[a:b] = results[offset: offset + b - a]
                     offset += b - a
