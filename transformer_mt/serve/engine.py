@@ -65,7 +65,8 @@ class ProgramCounter:
 MAX_ROWS = 64  # lines one batching cycle decodes at most (Batcher.max_lines): the largest row count
 # padded source tokens x hypotheses a line (beam or nbest draws) in one search loop of a cycle: a
 # cycle's random lengths run a loop until its longest line ends, so smaller loops of length-sorted
-# lines finish sooner (beam 4 1.2-1.6x the sentences/s of one loop a bucket, greedy level; RESULTS.md)
+# lines finish sooner (beam 4 1.3-1.8x the sentences/s of one loop a bucket at 32-64 clients, greedy
+# level; RESULTS.md)
 BATCH_HYPOTHESIS_TOKENS = 512
 POOL_ROWS = 64  # rows of the greedy row pool (GreedyStream); a step runs only as many as are busy
 POOL_LENGTH = 32  # source tokens a line may have to be decoded in the row pool (longer: by cycles)
