@@ -5,8 +5,9 @@ two, greedy and beam 4, at the run's default decoding precision.
 
     python benchmarks/batch_invariance.py --checkpoint RUN [--seeds 3] [--max-group 64] [--mixed] [--precision int8]
 
---mixed also runs the server's plan (`plan_batches(one_bucket=False)`: a batch's sources padded to
-the bucket of its longest sentence, so a sentence's padding depends on its neighbours).
+--mixed also runs the plan the server's small cycles used until 2026-12-05 (`plan_batches(
+one_bucket=False)`: a batch's sources padded to the bucket of its longest sentence, so a sentence's
+padding depends on its neighbours; RESULTS.md, thirteenth sitting).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main() -> None:
     p.add_argument("--max-group", type=int, default=64)
     p.add_argument("--beams", default="1,4")
     p.add_argument("--cpu-devices", type=int, default=2)
-    p.add_argument("--mixed", action="store_true", help="also the old, neighbour-dependent plan")
+    p.add_argument("--mixed", action="store_true", help="also the neighbour-dependent plan (one_bucket=False)")
     p.add_argument("--precision", help="decoding precision (default: the run's, auto)")
     args = p.parse_args()
     split_cpu(args.cpu_devices)
@@ -56,7 +57,7 @@ def main() -> None:
         for beam in [int(b) for b in args.beams.split(",")]:
             settings = search.settings_from(cfg, beam_size=beam, precision=precision)
             translator.rows_for = row_bucket
-            # plan_batches(one_bucket=...): translate's plan, or the server's
+            # plan_batches(one_bucket=...): translate's plan (and the server's), or the mixed one
             reference = [h[0][0] for h in translator.translate_lines(params, lines, settings, one_bucket=one_bucket)]
             for rows_name, rows in [("translate's", row_bucket), ("server's", lambda n: server_rows(n, multiple))]:
                 translator.rows_for = rows
