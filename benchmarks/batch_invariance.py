@@ -1,7 +1,8 @@
 """Does a sentence's translation depend on what else is in its batch? Counts the test_2016 lines
 whose translation differs from the whole file's when the file is decoded in random groups (as the
-server's batching cycles cut it), with `translate`'s row ladder and with the server's powers of
-two, greedy and beam 4, at the run's default decoding precision.
+server's batching cycles cut it), as `translate` decodes (its row ladder, all devices) and as the
+server's decoders do (on a CPU split into devices: one device each, powers of two of rows, batches
+of at most 512 source tokens x hypotheses), greedy and beam 4, at the run's default precision.
 
     python benchmarks/batch_invariance.py --checkpoint RUN [--seeds 3] [--max-group 64] [--mixed] [--precision int8]
 
@@ -13,6 +14,7 @@ padding depends on its neighbours; RESULTS.md, thirteenth sitting).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import sys
 import time
@@ -39,14 +41,23 @@ def main() -> None:
     args = p.parse_args()
     split_cpu(args.cpu_devices)
     compile_cache.enable()
+    import jax
+
     from transformer_mt import search
     from transformer_mt.decode_batches import row_bucket
     from transformer_mt.rundir import load_run
-    from transformer_mt.serve.engine import rows_for as server_rows
+    from transformer_mt.serve.engine import BATCH_HYPOTHESIS_TOKENS, on_device, rows_for as server_rows
+    from transformer_mt.sharding import make_mesh
 
     cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint)
     translator = search.Translator(cfg, graphdef, tok, mesh)
     multiple = len(mesh.devices.flat)
+    # the server's decoder on a CPU split into devices: one device, its own powers of two of rows
+    device = mesh.devices.flat[0]
+    server = search.Translator(cfg, graphdef, tok, make_mesh([device]) if multiple > 1 else mesh)
+    server_multiple = 1 if multiple > 1 else multiple
+    server.rows_for = lambda n: server_rows(n, server_multiple)
+    server_params = jax.tree.map(lambda x: on_device(x, device), params) if multiple > 1 else params
     with gzip.open(ROOT / "data" / "multi30k" / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     plans = [("one bucket a batch", True)] + ([("mixed buckets", False)] if args.mixed else [])
@@ -59,15 +70,18 @@ def main() -> None:
             translator.rows_for = row_bucket
             # plan_batches(one_bucket=...): translate's plan (and the server's), or the mixed one
             reference = [h[0][0] for h in translator.translate_lines(params, lines, settings, one_bucket=one_bucket)]
-            for rows_name, rows in [("translate's", row_bucket), ("server's", lambda n: server_rows(n, multiple))]:
-                translator.rows_for = rows
+            # the server's: its decoder (one device), its rows and its small batches (Engine.settings)
+            server_settings = dataclasses.replace(settings, batch_tokens=min(
+                settings.batch_tokens, BATCH_HYPOTHESIS_TOKENS // beam))
+            for rows_name, t, p, s in [("translate's", translator, params, settings),
+                                       ("server's", server, server_params, server_settings)]:
                 for seed in range(args.seeds):
                     rng = np.random.default_rng(seed)
                     out, start, t0 = [], 0, time.perf_counter()
                     while start < len(lines):
                         size = int(rng.integers(1, args.max_group + 1))
-                        out += [h[0][0] for h in translator.translate_lines(params, lines[start:start + size], settings,
-                                                                            one_bucket=one_bucket)]
+                        out += [h[0][0] for h in t.translate_lines(p, lines[start:start + size], s,
+                                                                   one_bucket=one_bucket)]
                         start += size
                     differ = [k + 1 for k, (a, b) in enumerate(zip(out, reference)) if a != b]
                     print(f"{plan_name:20s} {beam:4d}  {rows_name:12s}  groups of 1-{args.max_group}, seed {seed}  "
