@@ -14,7 +14,6 @@ padding depends on its neighbours; RESULTS.md, thirteenth sitting).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import sys
 import time
@@ -41,23 +40,16 @@ def main() -> None:
     args = p.parse_args()
     split_cpu(args.cpu_devices)
     compile_cache.enable()
-    import jax
-
     from transformer_mt import search
-    from transformer_mt.decode_batches import row_bucket
-    from transformer_mt.rundir import load_run
-    from transformer_mt.serve.engine import BATCH_HYPOTHESIS_TOKENS, on_device, rows_for as server_rows
-    from transformer_mt.sharding import make_mesh
+    from transformer_mt.serve.engine import Engine
 
-    cfg, graphdef, params, tok, step, mesh = load_run(args.checkpoint)
-    translator = search.Translator(cfg, graphdef, tok, mesh)
+    # the server's engine: its first decoder (on a CPU split into devices, one device) and its
+    # settings (small batches); translate's side is a Translator over the whole mesh, as the CLI's
+    engine = Engine(args.checkpoint, precision=args.precision)
+    cfg, params, step, mesh = engine.cfg, engine.params, engine.step, engine.translator.mesh
+    translator = search.Translator(cfg, engine.translator.graphdef, engine.translator.tok, mesh)
+    server = engine.decoders[0]
     multiple = len(mesh.devices.flat)
-    # the server's decoder on a CPU split into devices: one device, its own powers of two of rows
-    device = mesh.devices.flat[0]
-    server = search.Translator(cfg, graphdef, tok, make_mesh([device]) if multiple > 1 else mesh)
-    server_multiple = 1 if multiple > 1 else multiple
-    server.rows_for = lambda n: server_rows(n, server_multiple)
-    server_params = jax.tree.map(lambda x: on_device(x, device), params) if multiple > 1 else params
     with gzip.open(ROOT / "data" / "multi30k" / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     plans = [("one bucket a batch", True)] + ([("mixed buckets", False)] if args.mixed else [])
@@ -67,14 +59,10 @@ def main() -> None:
     for plan_name, one_bucket in plans:
         for beam in [int(b) for b in args.beams.split(",")]:
             settings = search.settings_from(cfg, beam_size=beam, precision=precision)
-            translator.rows_for = row_bucket
             # plan_batches(one_bucket=...): translate's plan (and the server's), or the mixed one
             reference = [h[0][0] for h in translator.translate_lines(params, lines, settings, one_bucket=one_bucket)]
-            # the server's: its decoder (one device), its rows and its small batches (Engine.settings)
-            server_settings = dataclasses.replace(settings, batch_tokens=min(
-                settings.batch_tokens, BATCH_HYPOTHESIS_TOKENS // beam))
             for rows_name, t, p, s in [("translate's", translator, params, settings),
-                                       ("server's", server, server_params, server_settings)]:
+                                       ("server's", server.translator, server.params, engine.settings(beam_size=beam))]:
                 for seed in range(args.seeds):
                     rng = np.random.default_rng(seed)
                     out, start, t0 = [], 0, time.perf_counter()

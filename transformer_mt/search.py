@@ -318,7 +318,8 @@ class Translator:
         prefixes: target ids each output must start with (forced; the length limit grows by them).
         first_index: the first source's number in the whole input, which seeds its samples, so a
         sentence draws the same samples whatever batch or chunk it lands in.
-        one_bucket: a batch holds one length bucket (plan_batches; False: the server's small cycles).
+        one_bucket: a batch holds one length bucket (plan_batches; False: a batch runs on into longer
+        buckets, padded to its longest line, which benchmarks/batch_invariance.py --mixed measures).
         """
         results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
         sources = [self._fit(list(s)) for s in sources]

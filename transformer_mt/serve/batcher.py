@@ -93,12 +93,16 @@ class Batcher:
         self._stopping = False
         self.queued_lines = 0  # lines waiting to be taken
         self.busy_lines = 0  # lines being decoded now
-        self.cycles = 0
         self.cycles_by_worker = [0] * workers
         self._threads = [threading.Thread(target=self._run, args=(k,), name=f"serve-batcher-{k}", daemon=True)
                          for k in range(workers)]
         for thread in self._threads:
             thread.start()
+
+    @property
+    def cycles(self) -> int:
+        """Cycles decoded so far, by every worker."""
+        return sum(self.cycles_by_worker)
 
     def submit(self, job: Job) -> None:
         """Queues the job; QueueFull when its lines do not fit. Empty jobs finish at once."""
@@ -270,7 +274,6 @@ class Batcher:
                 results, error = [None] * len(lines), e
             offset = 0
             with self._cond:
-                self.cycles += 1
                 self.cycles_by_worker[worker] += 1
                 for j, a, b in slices:
                     j.results[a:b] = results[offset: offset + b - a]
