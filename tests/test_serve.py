@@ -209,6 +209,79 @@ def test_a_cycle_decodes_beams_in_small_length_sorted_batches(engine, monkeypatc
         assert [h[0].text for h in answers] == [h[0][0] for h in alone]
 
 
+def test_a_request_is_answered_as_soon_as_its_batch_is_decoded(engine, monkeypatch):
+    """Two requests in one cycle, a short line and a long one (two length buckets, two batches):
+    the short one's request is answered once its batch is decoded, before the long one's batch
+    runs, and both answers are translate's."""
+    from transformer_mt.serve.batcher import Job
+
+    lines = ["Kids .", "A woman in a red dress is walking down the street ."]
+    buckets = (8, engine.translator.buckets[-1])  # the test run's one decoding bucket, split in two
+    monkeypatch.setattr(engine.translator, "buckets", buckets)
+    ids = engine.encode(lines)
+    events = []
+
+    def translate(*args, on_lines=None, **kwargs):  # the engine's, noting each batch handed back
+        def noted(done):
+            events.append(("batch", [k for k, _ in done]))
+            on_lines(done)
+        return engine.translate(*args, on_lines=noted, **kwargs)
+
+    gate = Gate()
+    gate.closed = True
+    batcher = Batcher(translate, engine.cfg.decode.batch_tokens, max_wait=0.0, hold=gate)
+    settings = engine.settings(beam_size=1)
+    jobs = [Job([line], engine.padded_tokens([x]), settings, source_ids=[x],
+                on_done=lambda job, name=name: events.append(("answered", name)))
+            for line, x, name in zip(lines, ids, ("short", "long"))]
+    for job in reversed(jobs):  # the long line first in the cycle: batches still go shortest first
+        batcher.submit(job)
+    gate.closed = False
+    batcher.stop()
+    assert batcher.cycles == 1
+    assert events == [("batch", [1]), ("answered", "short"), ("batch", [0]), ("answered", "long")]
+    offline = reference_translator(engine)
+    monkeypatch.setattr(offline, "buckets", buckets)
+    alone = offline.translate_lines(engine.params, lines, settings)
+    assert [j.results[0][0].text for j in jobs] == [h[0][0] for h in alone]
+
+
+def test_a_cycle_that_fails_fails_only_the_requests_not_yet_answered():
+    """A search that fails after its first batch: the request that batch completed keeps its
+    answer, the one still waiting fails whole with the error, the counts of busy lines come back
+    to zero and the next cycle is decoded."""
+    from transformer_mt.serve.batcher import Job
+
+    def translate(lines, settings, prefixes, alignment, first_line=1, source_ids=None, decoder=0, on_lines=None):
+        if lines == ["again"]:
+            return [["again: ok"]]
+        on_lines([(0, [f"{lines[0]}: ok"])])
+        raise RuntimeError("device lost")
+
+    gate = Gate()
+    gate.closed = True
+    batcher = Batcher(translate, budget=100, max_wait=0.0, hold=gate)
+    done, both_done = [], threading.Event()
+
+    def on_done(job):
+        done.append(job)
+        if len(done) == 2:
+            both_done.set()
+
+    jobs = [Job([line], [1], "greedy", on_done=on_done) for line in ("first", "second")]
+    for job in jobs:
+        batcher.submit(job)
+    gate.closed = False
+    assert both_done.wait(60)
+    again = Job(["again"], [1], "greedy", on_done=on_done)
+    batcher.submit(again)
+    batcher.stop()
+    assert jobs[0].error is None and jobs[0].results == [["first: ok"]]
+    assert isinstance(jobs[1].error, RuntimeError) and "device lost" in str(jobs[1].error)
+    assert again.results == [["again: ok"]] and done == [jobs[0], jobs[1], again]
+    assert batcher.busy_lines == 0 and batcher.queued_lines == 0
+
+
 def reference_translator(engine) -> tr.Translator:
     """A Translator as `transformer-mt translate` makes it (its own row ladder), for the same model."""
     t = engine.translator
@@ -224,7 +297,7 @@ def test_workers_decode_their_cycles_at_the_same_time():
     both_inside = threading.Barrier(2, timeout=60)  # fails the test if the cycles ran one after the other
     decoders = []
 
-    def translate(lines, settings, prefixes, alignment, first_line=1, source_ids=None, decoder=0):
+    def translate(lines, settings, prefixes, alignment, first_line=1, source_ids=None, decoder=0, on_lines=None):
         decoders.append(decoder)
         both_inside.wait()
         return [f"{settings}:{line}" for line in lines]

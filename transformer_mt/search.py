@@ -18,6 +18,7 @@ import functools
 import math
 import sys
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -312,7 +313,9 @@ class Translator:
 
     def translate_ids(self, params, sources: Sequence[list[int]], settings: SearchSettings,
                       progress: bool = False, prefixes: Sequence[list[int]] | None = None,
-                      first_index: int = 0, one_bucket: bool = True) -> list[list[tuple[list[int], float]]]:
+                      first_index: int = 0, one_bucket: bool = True,
+                      on_batch: Callable[[list[int], list], None] | None = None
+                      ) -> list[list[tuple[list[int], float]]]:
         """n-best (ids, score) lists for source id lists (each ending in EOS); empty sources give [].
 
         prefixes: target ids each output must start with (forced; the length limit grows by them).
@@ -320,6 +323,8 @@ class Translator:
         sentence draws the same samples whatever batch or chunk it lands in.
         one_bucket: a batch holds one length bucket (plan_batches; False: a batch runs on into longer
         buckets, padded to its longest line, which benchmarks/batch_invariance.py --mixed measures).
+        on_batch(indices, n-best lists): called as each batch's results are read, shortest sources
+        first (a server answers those lines while the longer ones decode).
         """
         results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
         sources = [self._fit(list(s)) for s in sources]
@@ -340,6 +345,8 @@ class Translator:
             for r, i in zip(places, chunk):
                 results[i] = [(tok_lib.cut_at_eos(tokens[r, k]), float(scores[r, k])) for k in range(settings.nbest)]
             bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(chunk, [results[i] for i in chunk])
 
         for (length, rows, chunk), width in zip(batches, widths):
             chunk = [todo[k] for k in chunk]
@@ -421,12 +428,14 @@ class Translator:
 
     def translate_lines(self, params, lines: Sequence[str], settings: SearchSettings, progress: bool = False,
                         name: str = "input", first_line: int = 1, prefixes: Sequence[str] | None = None,
-                        source_ids: Sequence[list[int]] | None = None,
-                        one_bucket: bool = True) -> list[list[tuple[str, float]]]:
+                        source_ids: Sequence[list[int]] | None = None, one_bucket: bool = True,
+                        on_lines: Callable[[list[tuple[int, list[tuple[str, float]]]]], None] | None = None
+                        ) -> list[list[tuple[str, float]]]:
         """n-best (text, score) per line; empty and whitespace-only lines give [("", 0.0)] * nbest.
         prefixes: target text each translation starts with (one per line; "" for none).
         source_ids: the lines' `encode_lines` where the caller has them already (the server, which
-        costs each line on arrival). one_bucket: as translate_ids.
+        costs each line on arrival). one_bucket: as translate_ids. on_lines([(k, n-best)]): called
+        with each batch's lines as soon as they are decoded (the server answers them then).
 
         A line longer than the largest bucket is translated from its first tokens, with a warning
         naming it as line first_line + k of `name` (the first MAX_LINE_WARNINGS; `truncated`
@@ -442,11 +451,25 @@ class Translator:
                     warn(f"{name} line {n}: {len(seq)} tokens, longer than the model's {limit}; "
                          f"translated from its first {limit - 1}{more}")
         prefix_ids = None if prefixes is None else self.tok.encode_tgt([clean_line(p) for p in prefixes])
+        def texts(nbests):  # [(text, score)] of each line's n-best; one tokenizer call for them all
+            pieces = iter(self.tok.decode_tgt([h[0] for hyps in nbests for h in hyps]))
+            return [[(one_line(next(pieces)), s) for _, s in hyps] if hyps else [("", 0.0)] * settings.nbest
+                    for hyps in nbests]
+
+        if on_lines is None:
+            return texts(self.translate_ids(params, ids, settings, progress, prefixes=prefix_ids,
+                                            first_index=first_line - 1, one_bucket=one_bucket))
+        out: list = [None] * len(ids)
+
+        def on_batch(indices, nbests):
+            done = list(zip(indices, texts(nbests)))
+            for i, hyps in done:
+                out[i] = hyps
+            on_lines(done)
+
         results = self.translate_ids(params, ids, settings, progress, prefixes=prefix_ids, first_index=first_line - 1,
-                                     one_bucket=one_bucket)
-        texts = iter(self.tok.decode_tgt([h[0] for hyps in results for h in hyps]))  # one call for all lines
-        return [[(one_line(next(texts)), s) for _, s in hyps] if hyps else [("", 0.0)] * settings.nbest
-                for hyps in results]
+                                     one_bucket=one_bucket, on_batch=on_batch)
+        return [o if o is not None else texts([hyps])[0] for o, hyps in zip(out, results)]
 
     def translate(self, params, sentences: Sequence[str], beam_size: int | None = None, alpha: float | None = None,
                   progress: bool = False) -> list[str]:

