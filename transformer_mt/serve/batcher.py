@@ -11,7 +11,9 @@ under load, for as many lines as the last cycle had, was tried: no gain, RESULTS
 
 The decoding itself (`translate`, which sorts the lines into length-sorted batches padded to a
 power of two of rows, `Engine`) runs in the worker thread, off the event loop; each job collects its
-own lines' results in its own order and is told once all of them are in. With several `workers`
+own lines' results in its own order as each batch is decoded (shortest lines first) and is told
+once all of them are in, not when the cycle ends, so its client can send again while the
+cycle's longer lines decode. With several `workers`
 (the engine's decoders, one per CPU device) each takes its own cycles from the one queue and
 decodes them on its own devices while the others decode theirs.
 
