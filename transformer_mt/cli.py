@@ -235,7 +235,7 @@ def _add_serve(sub) -> None:
                    "of in batches that run until their longest line ends. A pool line is padded to 32 source tokens, so "
                    "at int8 a near-tie can differ from translate's answer (a batch pads it to its own bucket); "
                    "on a 2-core CPU "
-                   "0.95-1.3x the sentences/s of batches at 64 clients (benchmarks/RESULTS.md). Lines over 32 "
+                   "0.7x the sentences/s of batches at 64 clients (benchmarks/RESULTS.md). Lines over 32 "
                    "source tokens and other settings go by batches")
     p.add_argument("--pool-steps", type=int, default=8, metavar="N",
                    help="greedy steps the row pool takes between two refills of its rows (default 8): fewer "
