@@ -136,11 +136,20 @@ def record_batch_shapes(monkeypatch) -> list:
     return used
 
 
+def test_server_rows_are_powers_of_two_or_one_and_a_half_times_one():
+    """A batch of n lines goes on the next of 2, 3, 4, 6, 8, 12, 16, 24, ... rows (at least 2 a
+    device, a multiple of the devices): 9 lines on 12 rows, not 16."""
+    from transformer_mt.serve.engine import rows_for
+
+    assert [rows_for(n, 1) for n in range(1, 18)] == [2, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24]
+    assert [rows_for(n, 2) for n in (1, 3, 5, 7, 9, 33)] == [4, 4, 6, 8, 12, 48]
+
+
 def test_batch_shapes_are_a_fixed_set_compiled_at_warm_up(engine, monkeypatch):
-    """The server pads each batch to a power of two of rows, so its (rows, length) shapes are the
-    fixed set Engine.shapes lists; warm-up compiles exactly that set, and requests of every size
-    from 1 to 20 lines afterwards compile nothing new (translate's 1, 2, 3, 4, 6, 8, 12, ... ladder
-    would meet 6 and 12 rows), and are answered as `translate` answers them."""
+    """The server pads each batch to a power of two of rows or 1.5x one, so its (rows, length)
+    shapes are the fixed set Engine.shapes lists; warm-up compiles exactly that set, and requests
+    of every size from 1 to 20 lines afterwards compile nothing new, and are answered as
+    `translate` answers them."""
     used = record_batch_shapes(monkeypatch)
     settings = engine.settings(beam_size=1)
     fixed = set(engine.shapes(settings))

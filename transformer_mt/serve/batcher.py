@@ -10,7 +10,7 @@ most `max_wait` seconds after the first arrival for others to join the batch. (W
 under load, for as many lines as the last cycle had, was tried: no gain, RESULTS.md.)
 
 The decoding itself (`translate`, which sorts the lines into length-sorted batches padded to a
-power of two of rows, `Engine`) runs in the worker thread, off the event loop; each job collects its
+power of two of rows or 1.5x one, `Engine`) runs in the worker thread, off the event loop; each job collects its
 own lines' results in its own order as each batch is decoded (shortest lines first) and is told
 once all of them are in, not when the cycle ends, so its client can send again while the
 cycle's longer lines decode. With several `workers`
