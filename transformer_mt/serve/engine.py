@@ -78,9 +78,10 @@ def rows_for(n: int, multiple: int) -> int:
     """Rows the server pads a batch of n sentences to: the next of 2, 3, 4, 6, 8, 12, 16, 24, 32,
     48, 64 (powers of two and 1.5x them; and a multiple of the data-parallel size). Padding rows
     are decoded like the others: a cycle's 9 lines of a bucket ran on 16 rows and now on 12
-    (greedy 1.07-1.11x the sentences/s at 8-64 clients, for ~400 MiB more of compiled programs;
-    benchmarks/RESULTS.md). Coarser than `translate`'s ladder above 16 rows, so the server's
-    shapes stay a set small enough to compile at start, and no load meets a shape after warm-up.
+    (greedy 1.06-1.15x the sentences/s at 8-64 clients, beam 4 1.1-1.4x, for ~400 MiB more of
+    compiled programs; benchmarks/RESULTS.md). Coarser than `translate`'s ladder above 16 rows, so
+    the server's shapes stay a set small enough to compile at start, and no load meets a shape
+    after warm-up.
     At least 2 rows a device: on CPU a batch of 1 row a device gave test_2016 line 556 another
     greedy translation than any larger batch (its sums differ in the last bits, and a near-tie
     flips)."""
