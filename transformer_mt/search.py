@@ -451,6 +451,7 @@ class Translator:
                     warn(f"{name} line {n}: {len(seq)} tokens, longer than the model's {limit}; "
                          f"translated from its first {limit - 1}{more}")
         prefix_ids = None if prefixes is None else self.tok.encode_tgt([clean_line(p) for p in prefixes])
+
         def texts(nbests):  # [(text, score)] of each line's n-best; one tokenizer call for them all
             pieces = iter(self.tok.decode_tgt([h[0] for hyps in nbests for h in hyps]))
             return [[(one_line(next(pieces)), s) for _, s in hyps] if hyps else [("", 0.0)] * settings.nbest

@@ -81,10 +81,9 @@ def rows_for(n: int, multiple: int) -> int:
     (greedy 1.06-1.15x the sentences/s at 8-64 clients, beam 4 1.1-1.4x, for ~400 MiB more of
     compiled programs; benchmarks/RESULTS.md). Coarser than `translate`'s ladder above 16 rows, so
     the server's shapes stay a set small enough to compile at start, and no load meets a shape
-    after warm-up.
-    At least 2 rows a device: on CPU a batch of 1 row a device gave test_2016 line 556 another
-    greedy translation than any larger batch (its sums differ in the last bits, and a near-tie
-    flips)."""
+    after warm-up. At least 2 rows a device: on CPU a batch of 1 row a device gave test_2016 line
+    556 another greedy translation than any larger batch (its sums differ in the last bits, and a
+    near-tie flips)."""
     rows = next_power_of_two(n)
     if rows >= 4 and 3 * rows // 4 >= n:
         rows = 3 * rows // 4
