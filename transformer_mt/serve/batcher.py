@@ -239,11 +239,15 @@ class Batcher:
                     self._fail(j, error)
                 return
             for (j, k), hyps in finished:
-                j.results[k] = hyps
-                j.remaining -= 1
-                self.busy_lines -= 1
-                if j.remaining == 0 and j.error is None:
-                    _finish(j)
+                self._answer(j, k, hyps)
+
+    def _answer(self, job: Job, line: int, hyps) -> None:
+        """Line `line` of the job is decoded; the job is done once all its lines are (lock held)."""
+        job.results[line] = hyps
+        job.remaining -= 1
+        self.busy_lines -= 1
+        if job.remaining == 0 and job.error is None:
+            _finish(job)
 
     def _dequeue(self, job: Job) -> None:
         """Takes the job out of whichever queue holds it, with its lines not yet taken (lock held)."""
@@ -280,12 +284,7 @@ class Batcher:
                 for k, hyps in done:
                     if not answered[k]:
                         answered[k] = True
-                        j, n = owners[k]
-                        j.results[n] = hyps
-                        j.remaining -= 1
-                        self.busy_lines -= 1
-                        if j.remaining == 0 and j.error is None:
-                            _finish(j)
+                        self._answer(*owners[k], hyps)
 
         with self._cond:
             self.cycles_by_worker[worker] += 1
@@ -294,7 +293,7 @@ class Batcher:
                                      source_ids=ids, decoder=worker, on_lines=answer)
         except Exception as e:  # noqa: BLE001 (answered to these requests; the server goes on)
             with self._cond:
-                failed = {id(owners[k][0]): owners[k][0] for k in range(len(owners)) if not answered[k]}
+                failed = {id(j): j for (j, _), done in zip(owners, answered) if not done}
                 self.busy_lines -= answered.count(False)
                 for j in failed.values():  # the jobs still waiting for a line of this cycle fail whole
                     self._fail(j, e)
